@@ -1,0 +1,292 @@
+"""Evaluation sets: their folder layouts, the matching of upscaled results to their inputs, and a
+synthetic LSDIR-Test-style set made from HR images.
+
+Layouts (``--layout``; ``auto`` picks the first that fits):
+
+- ``realsr``: RealSR (V3) — ``*_LR4.png`` next to ``*_HR.png``, in any subfolders (``Canon/Test/4/``,
+  ``Nikon/Test/4/``). When the tree has ``Test`` folders only those are used (RealSR's 100 test images).
+- ``paired``: an ``LR``/``lq`` folder and an ``HR``/``gt`` folder with the same relative names
+  (ResShift's LSDIR-Test, the synthetic sets of :func:`build_synthetic_set` before renaming).
+- ``lr``: every image is an LR input without a reference (RealSet110, or any folder).
+
+An entry's ``key`` — its path relative to the set without extension and without the ``_LR4`` suffix — is
+its image id in every results table. Upscaled images are matched to entries by the same key computed on
+the results folder (``Canon_001_LR4.png`` and ``Canon_001.png`` both match ``Canon_001``), falling back to
+the file name alone when that is unambiguous. ``<key>_groups.png`` / ``<key>_confidence.png`` next to a
+result are its group / confidence maps (``patchscaler upscale --save-maps``).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import posixpath
+import re
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from pipeline.io import filesystem, is_remote, join, list_files, normalize_root, read_bytes, relative
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+LAYOUTS = ("auto", "realsr", "paired", "lr")
+LR_DIRS = ("lr", "lq", "lr4", "lr_x4", "x4", "input")
+HR_DIRS = ("hr", "gt", "target")
+_LR_SUFFIX = re.compile(r"_LR(\d+)$", re.IGNORECASE)
+_HR_SUFFIX = re.compile(r"_HR$", re.IGNORECASE)
+_MAP_SUFFIX = re.compile(r"_(groups|confidence)$")  # maps written by `upscale --save-maps`
+
+# (3, H, W) HR image in [0, 1], generator -> (3, H/s, W/s) LR image in [0, 1]
+Degrade = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class DatasetEntry:
+    key: str  # image id: relative path without extension and _LRn suffix
+    dataset: str
+    lr: str  # URI of the LR input
+    hr: str  # URI of the reference, "" when there is none
+    scale: int
+
+
+def is_image(uri: str) -> bool:
+    return uri.lower().endswith(IMAGE_SUFFIXES)
+
+
+def split_key(rel: str) -> tuple[str, int | None]:
+    """``Canon/Canon_001_LR4.png`` -> (``Canon/Canon_001``, 4); ``a/b.png`` -> (``a/b``, None)."""
+    stem = posixpath.splitext(rel)[0]
+    m = _LR_SUFFIX.search(stem)
+    return (stem[: m.start()], int(m.group(1))) if m else (stem, None)
+
+
+def detect_layout(rels: list[str]) -> str:
+    if any(_LR_SUFFIX.search(posixpath.splitext(r)[0]) for r in rels) and \
+            any(_HR_SUFFIX.search(posixpath.splitext(r)[0]) for r in rels):
+        return "realsr"
+    tops = {r.split("/")[0].lower() for r in rels if "/" in r}
+    if tops & set(LR_DIRS) and tops & set(HR_DIRS):
+        return "paired"
+    return "lr"
+
+
+def load_dataset(name: str, root: str, *, layout: str = "auto", scale: int = 4,
+                 options: dict[str, Any] | None = None) -> list[DatasetEntry]:
+    """The entries of the set under ``root`` (folder or ``s3://`` prefix), sorted by key."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; use one of {LAYOUTS}")
+    root = normalize_root(root)
+    uris = [u for u in list_files(root, options or {}) if is_image(u)]
+    rels = {relative(root, u): u for u in uris}
+    if layout == "auto":
+        layout = detect_layout(list(rels))
+    if layout == "realsr":
+        entries = _realsr(name, rels, scale)
+    elif layout == "paired":
+        entries = _paired(name, rels, scale)
+    else:
+        entries = [DatasetEntry(split_key(r)[0], name, u, "", split_key(r)[1] or scale)
+                   for r, u in rels.items() if not _MAP_SUFFIX.search(posixpath.splitext(r)[0])]
+    if not entries:
+        raise FileNotFoundError(f"dataset {name!r}: no {layout} images found under {root}")
+    return sorted(entries, key=lambda e: e.key)
+
+
+def _realsr(name: str, rels: dict[str, str], scale: int) -> list[DatasetEntry]:
+    if any("test" in (p.lower() for p in r.split("/")[:-1]) for r in rels):
+        rels = {r: u for r, u in rels.items() if "test" in (p.lower() for p in r.split("/")[:-1])}
+    hrs = {_HR_SUFFIX.sub("", posixpath.splitext(r)[0]): u for r, u in rels.items()
+           if _HR_SUFFIX.search(posixpath.splitext(r)[0])}
+    out = []
+    for rel, uri in rels.items():
+        key, s = split_key(rel)
+        if s == scale and key in hrs:
+            out.append(DatasetEntry(key, name, uri, hrs[key], scale))
+    return out
+
+
+def _paired(name: str, rels: dict[str, str], scale: int) -> list[DatasetEntry]:
+    lr, hr = {}, {}
+    for rel, uri in rels.items():
+        top, _, rest = rel.partition("/")
+        if top.lower() in LR_DIRS:
+            lr[split_key(rest)[0]] = uri
+        elif top.lower() in HR_DIRS:
+            hr[_HR_SUFFIX.sub("", posixpath.splitext(rest)[0])] = uri
+    return [DatasetEntry(k, name, u, hr.get(k, ""), scale) for k, u in lr.items()]
+
+
+@dataclass(frozen=True)
+class ResultFiles:
+    images: dict[str, str]  # result key -> URI of the upscaled image
+    maps: dict[str, dict[str, str]]  # result key -> {"groups": URI, "confidence": URI}
+
+
+def list_results(root: str, options: dict[str, Any] | None = None) -> ResultFiles:
+    """The upscaled images under ``root`` and their maps, keyed like :class:`DatasetEntry` keys."""
+    root = normalize_root(root)
+    images: dict[str, str] = {}
+    maps: dict[str, dict[str, str]] = {}
+    for uri in list_files(root, options or {}):
+        if not is_image(uri):
+            continue
+        key = split_key(relative(root, uri))[0]
+        m = _MAP_SUFFIX.search(key)
+        if m:
+            maps.setdefault(key[: m.start()], {})[m.group(1)] = uri
+        else:
+            images[key] = uri
+    return ResultFiles(images, maps)
+
+
+def _by_name(keys: list[str]) -> dict[str, str]:
+    """file name -> key, for names that occur once."""
+    count: dict[str, int] = {}
+    for k in keys:
+        count[posixpath.basename(k)] = count.get(posixpath.basename(k), 0) + 1
+    return {posixpath.basename(k): k for k in keys if count[posixpath.basename(k)] == 1}
+
+
+def match_results(entries: list[DatasetEntry], results: ResultFiles
+                  ) -> tuple[list[tuple[DatasetEntry, str, dict[str, str]]], list[DatasetEntry]]:
+    """([(entry, result URI, its maps)], [entries without a result])."""
+    names = _by_name(list(results.images))
+    entry_names = _by_name([e.key for e in entries])
+    matched, missing = [], []
+    for e in entries:
+        key = e.key if e.key in results.images else None
+        base = posixpath.basename(e.key)
+        if key is None and base in entry_names and base in names:
+            key = names[base]
+        if key is None:
+            missing.append(e)
+        else:
+            matched.append((e, results.images[key], results.maps.get(key, {})))
+    return matched, missing
+
+
+def results_only(name: str, results: ResultFiles) -> list[tuple[DatasetEntry, str, dict[str, str]]]:
+    """Without a dataset: every upscaled image is scored on its own (no-reference metrics only)."""
+    return [(DatasetEntry(k, name, "", "", 4), u, results.maps.get(k, {}))
+            for k, u in sorted(results.images.items())]
+
+
+def decode_image(data: bytes) -> torch.Tensor:
+    """Encoded image bytes -> (3, H, W) float32 in [0, 1] (alpha dropped, grey expanded)."""
+    with Image.open(io.BytesIO(data)) as im:
+        rgb = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0  # (H, W, 3)
+    return torch.from_numpy(rgb).permute(2, 0, 1).contiguous()  # (3, H, W)
+
+
+def load_image(uri: str, options: dict[str, Any] | None = None) -> torch.Tensor:
+    return decode_image(read_bytes(uri, options or {}))
+
+
+def save_png(image: torch.Tensor, path: Path) -> None:
+    arr = (image.clamp(0, 1) * 255.0 + 0.5).to(torch.uint8).permute(1, 2, 0).numpy()  # (H, W, 3)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr).save(path)
+
+
+def bicubic_degrade(scale: int = 4) -> Degrade:
+    """Plain ×``scale`` bicubic down-sampling (antialiased), quantised to 8 bits; ignores the generator."""
+    def degrade(hr: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        h, w = hr.shape[-2] // scale, hr.shape[-1] // scale
+        lr = F.interpolate(hr[None], size=(h, w), mode="bicubic", align_corners=False, antialias=True)
+        return (lr[0].clamp(0, 1) * 255.0).round() / 255.0  # (3, h, w)
+    return degrade
+
+
+def realesrgan_degrade(scale: int = 4) -> Degrade:
+    """Real-ESRGAN's second-order degradation (the training pipeline's), as the paper builds LSDIR-Test."""
+    from patchscaler.training.degradations import DegradationConfig, degrade
+
+    config = DegradationConfig(scale=scale)
+
+    def run(hr: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        return degrade(hr[None], config=config, generator=generator)[0]  # (3, h, w)
+    return run
+
+
+def build_synthetic_set(hr_root: str, out_dir: str, *, degrade: Degrade, name: str = "lsdir-test",
+                        scale: int = 4, seed: int = 0, crop: int | None = None,
+                        options: dict[str, Any] | None = None) -> list[DatasetEntry]:
+    """Write ``<key>_HR.png`` / ``<key>_LR<scale>.png`` pairs (the ``realsr`` layout) into ``out_dir``
+    from the HR images under ``hr_root``. Each HR image is centre-cropped to ``crop`` (if given) and to a
+    multiple of ``scale``; its LR image comes from ``degrade`` with a generator seeded from ``seed`` and
+    the key, so an image's LR does not depend on the other images of the set."""
+    out, hr_root = Path(out_dir), normalize_root(hr_root)
+    entries = []
+    for uri in sorted(u for u in list_files(hr_root, options or {}) if is_image(u)):
+        key = _HR_SUFFIX.sub("", posixpath.splitext(relative(hr_root, uri))[0])
+        hr = load_image(uri, options)
+        h, w = hr.shape[-2:]
+        ch, cw = (min(crop, h), min(crop, w)) if crop else (h, w)
+        ch, cw = ch - ch % scale, cw - cw % scale
+        top, left = (h - ch) // 2, (w - cw) // 2
+        hr = hr[:, top : top + ch, left : left + cw]  # (3, ch, cw)
+        g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(key.encode()))
+        lr = degrade(hr, g)
+        if tuple(lr.shape[-2:]) != (ch // scale, cw // scale):
+            raise ValueError(f"degrade gave {tuple(lr.shape)} for HR {tuple(hr.shape)} at ×{scale}")
+        hr_path, lr_path = out / f"{key}_HR.png", out / f"{key}_LR{scale}.png"
+        save_png(hr, hr_path)
+        save_png(lr, lr_path)
+        entries.append(DatasetEntry(key, name, str(lr_path), str(hr_path), scale))
+    if not entries:
+        raise FileNotFoundError(f"no HR images found under {hr_root}")
+    return entries
+
+
+@dataclass
+class ScoringPlan:
+    rows: list[dict[str, Any]]  # input rows of eval.score (INPUT_COLUMNS)
+    maps: dict[tuple[str, str], dict[str, str]]  # (dataset, image id) -> its map URIs
+    missing: list[DatasetEntry]  # dataset images without an upscaled result
+
+
+def plan_scoring(results_root: str, datasets: list[tuple[str, str]], *, layout: str = "auto", scale: int = 4,
+                 options: dict[str, Any] | None = None) -> ScoringPlan:
+    """Match the upscaled images under ``results_root`` to the ``(name, root)`` datasets. With several
+    datasets (or a ``results_root/NAME`` folder) each one's results are in ``results_root/NAME``; with
+    none, every image in ``results_root`` is scored on its own. Model/RTM versions and upscaling times come
+    from the pipeline's ``manifest.parquet`` where there is one."""
+    from eval.results import manifest_info
+
+    options = options or {}
+    results_root = normalize_root(results_root)
+    fs, _ = filesystem(results_root, options)
+    groups = []
+    if not datasets:
+        name = posixpath.basename(results_root.rstrip("/")) or "results"
+        groups.append((results_root, results_only(name, list_results(results_root, options)), []))
+    for name, root in datasets:
+        sub = join(results_root, name)
+        res_root = sub if len(datasets) > 1 or fs.isdir(filesystem(sub, options)[1]) else results_root
+        entries = load_dataset(name, root, layout=layout, scale=scale, options=options)
+        matched, missing = match_results(entries, list_results(res_root, options))
+        groups.append((res_root, matched, missing))
+    plan = ScoringPlan([], {}, [])
+    for res_root, matched, missing in groups:
+        info = {_norm(k): v for k, v in manifest_info(res_root, options).items()}
+        for entry, sr, maps in matched:
+            meta = info.get(_norm(sr), {})
+            plan.rows.append({"image_id": entry.key, "dataset": entry.dataset, "sr": sr, "hr": entry.hr,
+                              "lr": entry.lr, "model_version": meta.get("model_version", ""),
+                              "rtm_version": meta.get("rtm_version", ""),
+                              "runtime_s": meta.get("runtime_s", float("nan"))})
+            if maps:
+                plan.maps[(entry.dataset, entry.key)] = maps
+        plan.missing += missing
+    return plan
+
+
+def _norm(uri: str) -> str:
+    return uri if is_remote(uri) else os.path.normpath(uri)

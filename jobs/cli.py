@@ -1,0 +1,45 @@
+"""``patchscaler`` console command: one subcommand per job, each a thin ``add_arguments`` + ``run``.
+
+The registry below is an explicit dict (no import-time scanning); a job module is imported only when its
+subcommand runs, so ``patchscaler --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# subcommand -> (module under jobs/, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "upscale": ("jobs.upscale", "upscale image files with the single-process reference upscaler"),
+    "init-weights": ("jobs.init_weights", "write a randomly initialised checkpoint of a preset"),
+    "train-autoencoder": ("jobs.train_autoencoder", "train the latent autoencoder (AutoencoderKL)"),
+    "train-grm": ("jobs.train_grm", "train the Global Restoration Module (Eq. 1/8)"),
+    "train-classifier": ("jobs.train_classifier", "train the texture classifier on DTD latent patches"),
+    "train-patchdit": ("jobs.train_patchdit", "train Patch-DiT + texture encoder (Eq. 9) with an RTM"),
+    "upscale-dataset": ("jobs.upscale_dataset", "upscale a folder or s3:// prefix with the Ray Data pipeline"),
+    "build-rtm": ("jobs.build_rtm", "build (or extend) a Reference Texture Memory from texture sources"),
+    "evaluate": ("jobs.evaluate", "score upscaled images with IQA metrics (pyiqa) and write a report"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="patchscaler", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (module_name, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(_module=module_name)
+        # Arguments are declared by the job module; importing it here keeps one source of truth.
+        importlib.import_module(module_name).add_arguments(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    module = importlib.import_module(args._module)
+    return int(module.run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

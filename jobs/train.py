@@ -1,0 +1,78 @@
+"""Shared command-line plumbing of the four ``train-*`` subcommands (each a thin module over this one).
+
+    patchscaler train-autoencoder --init DIR --out DIR --data HR_DIR_OR_S3 [--data ...]
+    patchscaler train-grm         --init DIR --out DIR --data ...
+    patchscaler train-classifier  --init DIR --out DIR --data DTD_DIR
+    patchscaler train-patchdit    --init DIR --out DIR --data ... --rtm RTM_DIR
+
+Every run is resumable: rerunning the same command continues from the last checkpoint in ``--out``
+(and ``--steps`` may be raised to train longer).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from trainer.tasks import TASK_DEFAULTS, TrainConfig
+
+
+def add_arguments(p: argparse.ArgumentParser, task: str) -> None:
+    d = {**{f: TrainConfig.__dataclass_fields__[f].default for f in TrainConfig.__dataclass_fields__
+            if f not in ("task", "init", "out", "data")}, **TASK_DEFAULTS[task]}
+    p.add_argument("--init", required=True, help="input checkpoint dir or s3:// prefix")
+    p.add_argument("--out", required=True, help="output checkpoint dir (resumed from when it has state)")
+    data_help = ("a DTD-layout folder (<class>/*.jpg or images/<class>/*.jpg)" if task == "classifier"
+                 else "HR image folder or s3:// prefix, searched recursively (repeatable; every source is "
+                       "drawn equally often)")
+    p.add_argument("--data", action="append", required=True, help=data_help)
+    p.add_argument("--steps", type=int, default=d["steps"], help="total optimizer steps")
+    p.add_argument("--batch-size", type=int, default=d["batch_size"], help="per worker")
+    p.add_argument("--lr", type=float, default=d["lr"])
+    p.add_argument("--weight-decay", type=float, default=d["weight_decay"])
+    p.add_argument("--lr-schedule", choices=["constant", "cosine"], default=d["lr_schedule"])
+    p.add_argument("--warmup-steps", type=int, default=d["warmup_steps"])
+    p.add_argument("--crop", type=int, default=d["crop"], help="HR crop size in pixels")
+    p.add_argument("--crops-per-image", type=int, default=d["crops_per_image"])
+    p.add_argument("--color-augment", action="store_true",
+                   help="random channel order / saturation / gain per crop (small or colour-poor data)")
+    p.add_argument("--seed", type=int, default=d["seed"])
+    p.add_argument("--log-every", type=int, default=d["log_every"])
+    p.add_argument("--checkpoint-every", type=int, default=d["checkpoint_every"])
+    p.add_argument("--max-grad-norm", type=float, default=d["max_grad_norm"])
+    if task in ("grm", "patchdit"):
+        p.add_argument("--degradation", choices=["realesrgan", "bicubic"], default=d["degradation"])
+    if task == "autoencoder":
+        p.add_argument("--kl-weight", type=float, default=d["kl_weight"])
+        p.add_argument("--no-calibrate-scale", dest="calibrate_scale", action="store_false",
+                       help="keep the config's latent scaling_factor instead of 1/std(latents)")
+    if task == "patchdit":
+        p.add_argument("--rtm", required=True, help="RTM artifact dir or s3:// prefix")
+    p.add_argument("--num-workers", type=int, default=1, help="Ray Train workers (DDP), one GPU each")
+    p.add_argument("--gpu", choices=["auto", "yes", "no"], default="auto",
+                   help="auto: use GPUs when the Ray cluster has them")
+    p.add_argument("--cpus-per-worker", type=int, default=1, help="CPUs (and torch threads) per worker")
+    p.add_argument("--loader-workers", type=int, default=0, help="DataLoader processes per worker")
+    p.add_argument("--storage", default=None, help="Ray Train storage path (default OUT/ray)")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: start a local Ray)")
+
+
+def config_from_args(args: argparse.Namespace, task: str) -> TrainConfig:
+    fields = set(TrainConfig.__dataclass_fields__) - {"task", "data", "use_gpu"}
+    values = {k: getattr(args, k) for k in fields if hasattr(args, k)}
+    use_gpu = {"auto": None, "yes": True, "no": False}[args.gpu]
+    return TrainConfig(task=task, data=tuple(args.data), use_gpu=use_gpu, **values)
+
+
+def run_task(args: argparse.Namespace, task: str) -> int:
+    from trainer.loop import run_training
+
+    cfg = config_from_args(args, task)
+    state = run_training(cfg)
+    history = state.get("history") or [[0, float("nan")]]
+    print(json.dumps({
+        "task": task, "out": cfg.out, "step": state["step"], "loss_first": history[0][1],
+        "loss_last": history[-1][1], "seconds": round(state["seconds"], 1), "skipped": state.get("skipped"),
+        "workers": state.get("world_size"),
+    }))
+    return 0

@@ -1,0 +1,21 @@
+"""``patchscaler train-autoencoder``: train an AutoencoderKL (reconstruction + KL)
+for when no SD-VAE weights are at hand.
+
+Options: ``jobs/train.py``; the loop: ``trainer/loop.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from jobs import train
+
+TASK = "autoencoder"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    train.add_arguments(p, TASK)
+
+
+def run(args: argparse.Namespace) -> int:
+    return train.run_task(args, TASK)

@@ -1,0 +1,177 @@
+"""One optimisation step per trainable module, as plain functions (model parts + batch + optimizer).
+
+The Ray Train loops (``trainer/``) call these; so can a notebook. Trainable parts may come wrapped in
+``DistributedDataParallel``, which is why the autoencoder and the Patch-DiT + texture-encoder pair have
+small training modules here whose ``forward`` is everything that needs gradients. Mixed precision:
+bf16 autocast on CUDA, fp32 elsewhere; losses are computed in fp32.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+import torch
+from diffusers import AutoencoderKL
+from torch import nn
+
+from patchscaler.autoencoder import LatentAutoencoder, upscale_input
+from patchscaler.patch_dit import PatchDiT
+from patchscaler.rtm import ReferenceTextureMemory
+from patchscaler.texture import TextureClassifier, TextureEncoder
+from patchscaler.training.losses import autoencoder_loss, classifier_loss, eps_loss, grm_loss
+
+if TYPE_CHECKING:
+    from patchscaler.diffusion import NoiseSchedule
+
+
+def autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA; a no-op on CPU (fp32)."""
+    if device.type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _update(loss: torch.Tensor, module: nn.Module, optimizer: torch.optim.Optimizer,
+            max_grad_norm: float | None) -> float:
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    norm = torch.nn.utils.clip_grad_norm_(module.parameters(), max_grad_norm or float("inf"))
+    optimizer.step()
+    return float(norm)
+
+
+class AutoencoderForTraining(nn.Module):
+    """Wraps an ``AutoencoderKL`` so one ``forward`` gives what the loss needs: (recon, mean, logvar)."""
+
+    def __init__(self, *, vae: AutoencoderKL) -> None:
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, x: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """x (B, 3, H, W) in [-1, 1], noise (B, 4, H/8, W/8) -> recon (B, 3, H, W), mean, logvar."""
+        posterior = self.vae.encode(x).latent_dist
+        z = posterior.mean + posterior.std * noise  # (B, 4, H/8, W/8), a posterior sample
+        return self.vae.decode(z).sample, posterior.mean, posterior.logvar
+
+
+class TextureDenoiser(nn.Module):
+    """Patch-DiT and the similarity-aware texture encoder, trained together (Eq. 9)."""
+
+    def __init__(self, *, patch_dit: PatchDiT, texture_encoder: TextureEncoder) -> None:
+        super().__init__()
+        self.patch_dit = patch_dit
+        self.texture_encoder = texture_encoder
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, y0: torch.Tensor, values: torch.Tensor,
+                scores: torch.Tensor) -> torch.Tensor:
+        """x_t, y0 (B, 4, V, V); t (B,); values (B, K, 4, V, V); scores (B, K) -> eps (B, 4, V, V)."""
+        prompt = self.texture_encoder(values, scores)  # (B, K*L, hidden)
+        return self.patch_dit(x_t, t, y0, prompt)
+
+
+def autoencoder_step(
+    model: nn.Module, hr: torch.Tensor, optimizer: torch.optim.Optimizer, *, kl_weight: float,
+    generator: torch.Generator, max_grad_norm: float | None = None,
+) -> dict[str, float]:
+    """``model``: an ``AutoencoderForTraining`` (maybe DDP-wrapped); ``hr`` (B, 3, H, W) in [0, 1]."""
+    x = hr * 2.0 - 1.0  # (B, 3, H, W) in [-1, 1]
+    inner = model.module if hasattr(model, "module") else model
+    latent_ch = inner.vae.config.latent_channels
+    f = 2 ** (len(inner.vae.config.block_out_channels) - 1)
+    noise = torch.randn((x.shape[0], latent_ch, x.shape[-2] // f, x.shape[-1] // f), generator=generator)
+    with autocast(x.device):
+        recon, mean, logvar = model(x, noise.to(x.device))
+    loss, parts = autoencoder_loss(recon, x, mean, logvar, kl_weight=kl_weight)
+    grad_norm = _update(loss, model, optimizer, max_grad_norm)
+    latent_std = float(mean.detach().float().std())
+    return {"loss": float(loss.detach()), **parts, "latent_std": latent_std, "grad_norm": grad_norm}
+
+
+@torch.no_grad()
+def encode_pair(
+    autoencoder: LatentAutoencoder, lr: torch.Tensor, hr: torch.Tensor, *, scale: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(LR (B, 3, h, w), HR (B, 3, h*scale, w*scale)) -> (y_LR, x_HR), both (B, 4, H/8, W/8)."""
+    with autocast(hr.device):
+        y_lr = autoencoder.encode(upscale_input(lr, scale))
+        x_hr = autoencoder.encode(hr)
+    return y_lr.float(), x_hr.float()
+
+
+def grm_step(
+    grm: nn.Module, autoencoder: LatentAutoencoder, lr: torch.Tensor, hr: torch.Tensor,
+    optimizer: torch.optim.Optimizer, *, scale: int, lam: float, eta: float,
+    max_grad_norm: float | None = None,
+) -> dict[str, float]:
+    """Eq. (1)/(8) on one batch: the frozen autoencoder gives y_LR and x_HR, the GRM (y_HR, C)."""
+    y_lr, x_hr = encode_pair(autoencoder, lr, hr, scale=scale)
+    with autocast(hr.device):
+        y_hr, conf = grm(y_lr)
+    loss = grm_loss(y_hr.float(), conf.float(), x_hr, lam=lam, eta=eta)
+    grad_norm = _update(loss, grm, optimizer, max_grad_norm)
+    l1 = float((y_hr.detach().float() - x_hr).abs().mean())
+    conf_mean = float(conf.detach().float().mean())
+    return {"loss": float(loss.detach()), "l1": l1, "conf": conf_mean, "grad_norm": grad_norm}
+
+
+def classifier_step(
+    classifier: nn.Module, autoencoder: LatentAutoencoder, images: torch.Tensor, labels: torch.Tensor,
+    optimizer: torch.optim.Optimizer, *, max_grad_norm: float | None = None,
+) -> dict[str, float]:
+    """Cross-entropy on latent patches: images (B, 3, 8V, 8V) in [0, 1] -> latents (B, 4, V, V)."""
+    with torch.no_grad(), autocast(images.device):
+        latents = autoencoder.encode(images).float()  # (B, 4, V, V)
+    with autocast(images.device):
+        logits = classifier(latents)  # (B, 47)
+    loss, parts = classifier_loss(logits, labels)
+    grad_norm = _update(loss, classifier, optimizer, max_grad_norm)
+    return {"loss": float(loss.detach()), **parts, "grad_norm": grad_norm}
+
+
+def random_latent_patches(
+    tensors: list[torch.Tensor], size: int, generator: torch.Generator
+) -> Iterator[torch.Tensor]:
+    """The same random (size, size) window of each image, for every tensor (B, C, h, w) of the list."""
+    b, _, h, w = tensors[0].shape
+    rows = torch.randint(0, h - size + 1, (b,), generator=generator).tolist()
+    cols = torch.randint(0, w - size + 1, (b,), generator=generator).tolist()
+    corners = list(zip(rows, cols, strict=True))
+    for x in tensors:
+        windows = [x[i, :, r : r + size, c : c + size] for i, (r, c) in enumerate(corners)]
+        yield torch.stack(windows)  # (B, C, size, size)
+
+
+@torch.no_grad()
+def texture_condition(
+    classifier: TextureClassifier, rtm: ReferenceTextureMemory, y0: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Retrieval of B.3: classifier features of y0 (B, 4, V, V) -> top-k RTM (values (B,k,4,V,V), scores)."""
+    queries = classifier.features(y0).float().cpu()  # (B, D)
+    scores, idx = rtm.search(queries, k)  # (B, k) each
+    return rtm.gather(idx).to(y0.device), scores.to(y0.device)
+
+
+def patchdit_step(
+    denoiser: nn.Module, *, grm: nn.Module, classifier: TextureClassifier, autoencoder: LatentAutoencoder,
+    rtm: ReferenceTextureMemory, schedule: NoiseSchedule, lr: torch.Tensor, hr: torch.Tensor,
+    optimizer: torch.optim.Optimizer, scale: int, patch: int, top_k: int, generator: torch.Generator,
+    max_grad_norm: float | None = None,
+) -> dict[str, float]:
+    """Eq. (9): frozen autoencoder + GRM give the coarse y0 and the target x0 (one random V x V latent
+    patch per image); the frozen classifier + RTM give the texture prior; t ~ U{1..T}."""
+    y_lr, x_hr = encode_pair(autoencoder, lr, hr, scale=scale)
+    with torch.no_grad(), autocast(hr.device):
+        y_hr = grm(y_lr)[0].float()  # (B, 4, h, w)
+    y0, x0 = random_latent_patches([y_hr, x_hr], patch, generator)  # (B, 4, V, V) each
+    values, scores = texture_condition(classifier, rtm, y0, top_k)
+    steps = schedule.alphas_cumprod.shape[0] - 1
+    t = torch.randint(1, steps + 1, (x0.shape[0],), generator=generator)  # (B,) in 1..T
+    eps = torch.randn(x0.shape, generator=generator).to(x0.device)  # (B, 4, V, V)
+    x_t = schedule.q_sample(x0, t.to(x0.device), eps)  # (B, 4, V, V), Eq. (4)
+    with autocast(hr.device):
+        eps_pred = denoiser(x_t, t.to(x0.device).float(), y0, values, scores)
+    loss = eps_loss(eps_pred, eps)
+    grad_norm = _update(loss, denoiser, optimizer, max_grad_norm)
+    return {"loss": float(loss.detach()), "t_mean": float(t.float().mean()), "grad_norm": grad_norm}

@@ -1,0 +1,193 @@
+"""The single-process reference upscaler, and the stage functions the Ray pipeline reuses.
+
+    LR image --resize x4, encode--> y_LR --GRM--> (y_HR, C) --patchify (16x16, overlap 8)--> y0 patches
+      --Eq. 2--> groups --classifier + RTM top-K--> texture prompt (once per patch)
+      --PGS: each group from y_tau (Eq. 7) with its own (tau, N), Patch-DiT + DDIM--> x0 patches
+      --feathered merge--> x_HR --decode--> SR image
+
+Each arrow is one function below, so ``pipeline/stages.py`` runs exactly this code, split across actors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from patchscaler.autoencoder import upscale_input
+from patchscaler.diffusion import NoiseSchedule
+from patchscaler.model import PatchScalerModel
+from patchscaler.patching import PatchGrid, merge_patches, patch_means, plan_grid, split_patches
+from patchscaler.pgs import GROUP_NAMES, assign_groups, group_plan, pgs_sample
+from patchscaler.rtm import ReferenceTextureMemory
+
+
+@dataclass
+class PatchPlan:
+    """Everything the GRM stage produces for one image (latent tensors on CPU)."""
+
+    y_hr: torch.Tensor  # (4, h, w) coarse HR latent
+    confidence: torch.Tensor  # (1, h, w) in (0, 1]
+    grid: PatchGrid
+    patches: torch.Tensor  # (M, 4, V, V) y0 per patch
+    mean_conf: torch.Tensor  # (M,)
+    groups: torch.Tensor  # (M,) 0 simple, 1 medium, 2 hard
+    noise: torch.Tensor  # (M, 4, V, V) the epsilon of Eq. 7, drawn in patch order
+
+
+@dataclass
+class UpscaleResult:
+    image: torch.Tensor  # (3, scale*h, scale*w) in [0, 1]
+    group_counts: dict[str, int]
+    confidence: torch.Tensor  # (1, h_lat, w_lat)
+    groups: torch.Tensor  # (M,)
+    group_map: torch.Tensor  # (h_lat, w_lat) group of the nearest patch centre, for display
+    grid: PatchGrid
+
+
+@torch.no_grad()
+def restore(model: PatchScalerModel, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """LR image (3, h, w) in [0, 1] -> (y_HR (4, H/8, W/8), C (1, H/8, W/8)) on the HR grid.
+
+    The x`scale` bicubic image is padded (replicate) up to a multiple of the autoencoder factor; the
+    padding is cropped again after decoding (``finish``)."""
+    device = next(model.grm.parameters()).device
+    lr = image.unsqueeze(0).to(device=device, dtype=torch.float32)  # (1, 3, h, w)
+    hr_in = upscale_input(lr, model.config.scale)  # (1, 3, sh, sw)
+    f = model.autoencoder.factor
+    pad_h, pad_w = (-hr_in.shape[-2]) % f, (-hr_in.shape[-1]) % f
+    hr_in = F.pad(hr_in, (0, pad_w, 0, pad_h), mode="replicate")  # (1, 3, H, W), multiples of f
+    y_lr = model.autoencoder.encode(hr_in)  # (1, 4, H/f, W/f)
+    y_hr, conf = model.grm(y_lr)  # (1, 4, H/f, W/f), (1, 1, H/f, W/f)
+    return y_hr[0].cpu(), conf[0].cpu()
+
+
+def plan_patches(
+    y_hr: torch.Tensor, confidence: torch.Tensor, model: PatchScalerModel, generator: torch.Generator
+) -> PatchPlan:
+    """Patchify y_HR and C, group the patches (Eq. 2) and draw each patch's starting noise (Eq. 7)."""
+    cfg = model.config.sampler
+    grid = plan_grid(y_hr.shape[-2], y_hr.shape[-1], patch=cfg.patch_size, overlap=cfg.overlap)
+    patches = split_patches(y_hr, grid)  # (M, 4, V, V)
+    mean_conf = patch_means(confidence, grid)  # (M,)
+    groups = assign_groups(mean_conf, cfg.gamma1, cfg.gamma2)  # (M,)
+    noise = torch.randn(patches.shape, generator=generator, dtype=patches.dtype)  # (M, 4, V, V)
+    return PatchPlan(y_hr, confidence, grid, patches, mean_conf, groups, noise)
+
+
+@torch.no_grad()
+def retrieve(
+    model: PatchScalerModel, rtm: ReferenceTextureMemory, patches: torch.Tensor, batch_size: int = 256
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Texture retrieval (B.3): classifier features of y0 as queries -> top-K (scores, idx), (M, K) each."""
+    device = next(model.classifier.parameters()).device
+    k = model.config.texture_encoder.top_k
+    scores, idx = [], []
+    for chunk in patches.split(batch_size):
+        queries = model.classifier.features(chunk.to(device))  # (b, D)
+        s, i = rtm.search(queries, k)  # (b, K) each
+        scores.append(s)
+        idx.append(i)
+    return torch.cat(scores), torch.cat(idx)
+
+
+@torch.no_grad()
+def texture_prompts(
+    model: PatchScalerModel, values: torch.Tensor, scores: torch.Tensor
+) -> torch.Tensor:
+    """Similarity-aware texture encoder, once per patch: (B, K, 4, V, V), (B, K) -> (B, K*L, hidden)."""
+    device = next(model.texture_encoder.parameters()).device
+    return model.texture_encoder(values.to(device), scores.to(device))
+
+
+@torch.no_grad()
+def refine(
+    model: PatchScalerModel,
+    y0: torch.Tensor,
+    groups: torch.Tensor,
+    noise: torch.Tensor,
+    values: torch.Tensor,
+    scores: torch.Tensor,
+    *,
+    schedule: NoiseSchedule,
+    batch_size: int | None = None,
+) -> torch.Tensor:
+    """Patch-adaptive Group Sampling with Patch-DiT over one set of patches -> x0 patches (M, 4, V, V).
+
+    The texture prompt of every patch is computed once (it does not depend on t) and looked up by index
+    at each DDIM step."""
+    cfg = model.config.sampler
+    bs = batch_size or cfg.batch_size
+    device = next(model.patch_dit.parameters()).device
+    prompts = torch.cat(
+        [texture_prompts(model, v, s) for v, s in zip(values.split(bs), scores.split(bs), strict=True)]
+    ) if len(y0) else torch.empty(0)  # (M, K*L, hidden) on device
+    y0_dev = y0.to(device)
+
+    def denoise(x_t: torch.Tensor, t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        idx = idx.to(device)
+        return model.patch_dit(x_t.to(device), t.to(device), y0_dev[idx], prompts[idx]).to(x_t.device)
+
+    return pgs_sample(
+        denoise, y0, groups, noise, schedule=schedule, plan=group_plan(cfg), batch_size=bs
+    )
+
+
+@torch.no_grad()
+def finish(
+    model: PatchScalerModel, x0: torch.Tensor, grid: PatchGrid, lr_size: tuple[int, int]
+) -> torch.Tensor:
+    """Merge the refined patches (feathered overlap) and decode: -> (3, scale*h, scale*w) in [0, 1]."""
+    device = next(model.grm.parameters()).device
+    latent = merge_patches(x0, grid)  # (4, h_lat, w_lat)
+    image = model.autoencoder.decode(latent.unsqueeze(0).to(device))[0]  # (3, H, W)
+    s = model.config.scale
+    return image[:, : lr_size[0] * s, : lr_size[1] * s].cpu()  # crop the encode padding
+
+
+def group_map(groups: torch.Tensor, grid: PatchGrid) -> torch.Tensor:
+    """(h_lat, w_lat) map of the group of the patch whose centre is nearest, for display (Fig. 7)."""
+    half = grid.patch / 2
+    ys = torch.arange(grid.height, dtype=torch.float32) + 0.5
+    xs = torch.arange(grid.width, dtype=torch.float32) + 0.5
+    rows = ((ys - half) / grid.stride).round().clamp(0, grid.rows - 1).long()  # (h,)
+    cols = ((xs - half) / grid.stride).round().clamp(0, grid.cols - 1).long()  # (w,)
+    return groups.view(grid.rows, grid.cols)[rows[:, None], cols[None, :]]  # (h, w)
+
+
+def count_groups(groups: torch.Tensor) -> dict[str, int]:
+    return {name: int((groups == g).sum()) for g, name in enumerate(GROUP_NAMES)}
+
+
+class PatchScaler:
+    """``PatchScaler(model=..., rtm=...).upscale(image, generator=g)``: the whole method in one process."""
+
+    def __init__(
+        self, *, model: PatchScalerModel, rtm: ReferenceTextureMemory, device: str | torch.device = "cpu"
+    ) -> None:
+        self.model = model.to(device).eval()
+        self.rtm = rtm
+        self.schedule = NoiseSchedule(config=model.config.sampler)
+
+    @torch.no_grad()
+    def upscale(self, image: torch.Tensor, *, generator: torch.Generator) -> UpscaleResult:
+        """(3, h, w) in [0, 1] -> ``UpscaleResult`` with the (3, scale*h, scale*w) image."""
+        if image.ndim != 3 or image.shape[0] != 3:
+            raise ValueError(f"expected an RGB image tensor (3, h, w), got {tuple(image.shape)}")
+        y_hr, conf = restore(self.model, image)
+        plan = plan_patches(y_hr, conf, self.model, generator)
+        scores, idx = retrieve(self.model, self.rtm, plan.patches)
+        x0 = refine(
+            self.model, plan.patches, plan.groups, plan.noise, self.rtm.gather(idx), scores,
+            schedule=self.schedule,
+        )
+        out = finish(self.model, x0, plan.grid, (image.shape[-2], image.shape[-1]))
+        return UpscaleResult(
+            image=out,
+            group_counts=count_groups(plan.groups),
+            confidence=conf,
+            groups=plan.groups,
+            group_map=group_map(plan.groups, plan.grid),
+            grid=plan.grid,
+        )

@@ -1,0 +1,207 @@
+"""The one module that reads and writes files: checkpoints and RTM tensors (spandrel-style loader).
+
+A checkpoint is a directory (local path or ``s3://`` prefix) holding
+- ``config.json``: ``PatchScalerConfig.to_dict()`` and ``format_version``;
+- ``model.safetensors``: every module's tensors, prefixed by module name (never pickle).
+Loading is strict: missing, unexpected and mis-shaped keys are all named in one error.
+
+An RTM artifact directory holds ``rtm.safetensors`` (``keys`` (M, D), ``values`` (M, 4, 16, 16)) and
+``manifest.json``; ``rtm_builder/`` writes the rest (Parquet, faiss index) next to them.
+
+Nothing is downloaded: paths are local or object-store URLs (fsspec/s3fs), and an absent file is a
+``FileNotFoundError`` that says what was expected where.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Any
+
+import fsspec
+import torch
+from fsspec.implementations.local import LocalFileSystem
+from safetensors.torch import load as load_safetensors_bytes
+from safetensors.torch import save as save_safetensors_bytes
+
+from patchscaler.autoencoder import build_vae
+from patchscaler.config import AutoencoderConfig, PatchScalerConfig
+from patchscaler.model import PatchScalerModel
+from patchscaler.rtm import ReferenceTextureMemory
+
+FORMAT_VERSION = 1
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+RTM_FILE = "rtm.safetensors"
+RTM_MANIFEST = "manifest.json"
+
+
+def _join(base: str, name: str) -> str:
+    return base.rstrip("/") + "/" + name
+
+
+def _read_bytes(path: str, what: str) -> bytes:
+    fs, fs_path = fsspec.core.url_to_fs(path)
+    if not fs.exists(fs_path):
+        raise FileNotFoundError(f"{what} not found: {path}")
+    with fs.open(fs_path, "rb") as f:
+        return f.read()
+
+
+def _write_bytes(path: str, data: bytes) -> None:
+    """Write atomically: locally a temp file renamed into place; on object stores one PUT is atomic."""
+    fs, fs_path = fsspec.core.url_to_fs(path)
+    if isinstance(fs, LocalFileSystem):
+        fs.makedirs(fs_path.rsplit("/", 1)[0], exist_ok=True)
+        tmp = f"{fs_path}.tmp-{os.getpid()}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, fs_path)
+    else:
+        with fs.open(fs_path, "wb") as f:
+            f.write(data)
+
+
+def content_hash(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:12]
+
+
+def save_checkpoint(model: PatchScalerModel, path: str) -> str:
+    """Write ``config.json`` and ``model.safetensors`` under ``path``; returns the weights' version hash."""
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    blob = save_safetensors_bytes(state)
+    config = {"format_version": FORMAT_VERSION, **model.config.to_dict()}
+    _write_bytes(_join(path, WEIGHTS_FILE), blob)
+    _write_bytes(_join(path, CONFIG_FILE), json.dumps(config, indent=2).encode())
+    return content_hash(blob)
+
+
+def load_config(path: str) -> PatchScalerConfig:
+    data = json.loads(_read_bytes(_join(path, CONFIG_FILE), "checkpoint config (config.json)"))
+    version = data.pop("format_version", None)
+    if version != FORMAT_VERSION:
+        raise ValueError(f"{path}: checkpoint format_version {version!r}, this code reads {FORMAT_VERSION}")
+    return PatchScalerConfig.from_dict(data)
+
+
+def check_state_dict(
+    expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor], *, source: str, ignore_prefix: str = ""
+) -> None:
+    """Raise one ``ValueError`` naming every missing, unexpected and mis-shaped key."""
+    want = {k for k in expected if not (ignore_prefix and k.startswith(ignore_prefix))}
+    missing = sorted(want - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    shapes = sorted(
+        f"{k}: checkpoint {tuple(found[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in want & set(found)
+        if tuple(found[k].shape) != tuple(expected[k].shape)
+    )
+    if missing or unexpected or shapes:
+        lines = [f"checkpoint {source} does not match the model config:"]
+        for title, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes)):
+            if items:
+                shown = ", ".join(items[:10]) + (f" (+{len(items) - 10} more)" if len(items) > 10 else "")
+                lines.append(f"  {title} ({len(items)}): {shown}")
+        raise ValueError("\n".join(lines))
+
+
+def load_autoencoder_weights(path: str, config: AutoencoderConfig) -> torch.nn.Module:
+    """SD-VAE-family weights in diffusers' key layout: a ``.safetensors`` file or a diffusers directory
+    (``diffusion_pytorch_model.safetensors`` inside). Returns an ``AutoencoderKL``."""
+    file = path if path.endswith(".safetensors") else _join(path, "diffusion_pytorch_model.safetensors")
+    state = load_safetensors_bytes(_read_bytes(file, "autoencoder weights"))
+    vae = build_vae(config)
+    check_state_dict(vae.state_dict(), state, source=file)
+    vae.load_state_dict(state, strict=True)
+    return vae
+
+
+def load_checkpoint(
+    path: str, *, device: str | torch.device = "cpu", autoencoder: str | None = None
+) -> PatchScalerModel:
+    """Build the model from ``path/config.json`` and load ``path/model.safetensors`` strictly.
+
+    ``autoencoder``: optional separate SD-VAE weights (file or diffusers dir); the checkpoint's own
+    ``autoencoder.*`` tensors are then not required.
+    """
+    config = load_config(path)
+    blob = _read_bytes(_join(path, WEIGHTS_FILE), "checkpoint weights (model.safetensors)")
+    state = load_safetensors_bytes(blob)
+    vae = load_autoencoder_weights(autoencoder, config.autoencoder) if autoencoder else None
+    model = PatchScalerModel(config=config, vae=vae)
+    ignore = "autoencoder." if autoencoder else ""
+    check_state_dict(model.state_dict(), state, source=path, ignore_prefix=ignore)
+    model.load_state_dict(state, strict=not ignore)
+    model.version = content_hash(blob)
+    return model.to(device).eval()
+
+
+def save_rtm(path: str, *, keys: torch.Tensor, values: torch.Tensor, manifest: dict[str, Any]) -> str:
+    """Write the RTM tensors and manifest; returns the RTM version (hash of the tensors)."""
+    blob = save_safetensors_bytes({"keys": keys.float().contiguous(), "values": values.float().contiguous()})
+    version = content_hash(blob)
+    _write_bytes(_join(path, RTM_FILE), blob)
+    _write_bytes(_join(path, RTM_MANIFEST), json.dumps({**manifest, "version": version}, indent=2).encode())
+    return version
+
+
+def load_rtm(path: str, *, use_gpu: bool = False) -> tuple[ReferenceTextureMemory, dict[str, Any]]:
+    """Read an RTM artifact (local or s3://): the in-memory RTM and its manifest."""
+    tensors = load_safetensors_bytes(_read_bytes(_join(path, RTM_FILE), "RTM tensors (rtm.safetensors)"))
+    manifest = json.loads(_read_bytes(_join(path, RTM_MANIFEST), "RTM manifest (manifest.json)"))
+    for name in ("keys", "values"):
+        if name not in tensors:
+            raise ValueError(f"{path}/{RTM_FILE} has no {name!r} tensor")
+    return ReferenceTextureMemory(keys=tensors["keys"], values=tensors["values"], use_gpu=use_gpu), manifest
+
+
+# --- training state (trainer/): optimizer tensors as safetensors, everything else as JSON -------------
+
+OPTIMIZER_FILE = "optimizer.safetensors"
+TRAINING_STATE_FILE = "training_state.json"
+
+
+def save_training_state(path: str, *, optimizer_state: dict[str, Any], state: dict[str, Any]) -> None:
+    """Write an optimizer ``state_dict()`` and a JSON-able ``state`` (step, loss history, ...) under ``path``.
+
+    Tensors of the optimizer state go to ``optimizer.safetensors`` as ``state.<param>.<name>``; the
+    param groups and any non-tensor entries go to ``training_state.json`` next to it."""
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for pid, entry in optimizer_state["state"].items():
+        for name, value in entry.items():
+            if torch.is_tensor(value):
+                tensors[f"state.{pid}.{name}"] = value.detach().cpu().contiguous()
+            else:
+                scalars.setdefault(str(pid), {})[name] = value
+    doc = {
+        "format_version": FORMAT_VERSION,
+        "optimizer": {"param_groups": optimizer_state["param_groups"], "scalars": scalars},
+        "state": state,
+    }
+    _write_bytes(_join(path, OPTIMIZER_FILE), save_safetensors_bytes(tensors))
+    _write_bytes(_join(path, TRAINING_STATE_FILE), json.dumps(doc, indent=1).encode())
+
+
+def has_training_state(path: str) -> bool:
+    fs, fs_path = fsspec.core.url_to_fs(_join(path, TRAINING_STATE_FILE))
+    return bool(fs.exists(fs_path))
+
+
+def load_training_state(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Inverse of ``save_training_state``: (optimizer state_dict, state)."""
+    doc = json.loads(_read_bytes(_join(path, TRAINING_STATE_FILE), "training state (training_state.json)"))
+    tensors = load_safetensors_bytes(_read_bytes(_join(path, OPTIMIZER_FILE), "optimizer state"))
+    opt_state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        _, pid, name = key.split(".", 2)
+        opt_state.setdefault(int(pid), {})[name] = value
+    for pid, entries in doc["optimizer"]["scalars"].items():
+        opt_state.setdefault(int(pid), {}).update(entries)
+    # JSON turned tuples (Adam's betas) into lists; the optimizers unpack either, but keep tuples.
+    groups = [
+        {k: tuple(v) if isinstance(v, list) and k != "params" else v for k, v in group.items()}
+        for group in doc["optimizer"]["param_groups"]
+    ]
+    return {"state": opt_state, "param_groups": groups}, doc["state"]

@@ -1,0 +1,155 @@
+"""Column names and row layouts shared by the pipeline stages, and the manifest's Parquet schema.
+
+Rows travel between stages as Ray Data batches (dicts of numpy arrays). Per-image facts that are not
+tensors (source, output, sizes, timings, status) ride in one JSON string column, ``meta``, so that every
+stage keeps the same few columns whatever it adds; binary side data (pixels, alpha, ICC, EXIF) has its own
+columns.
+
+After the GRM stage one image becomes ``1 + M`` rows sharing its ``image_id`` (``ROW_COLUMNS``):
+
+- one *image row* (``patch_index == group == IMAGE_ROW``) carrying ``meta``, ``alpha``, ``icc``, ``exif``
+  and zero tensors — error rows are image rows whose ``meta["status"] == "error"`` and that have no
+  patch rows;
+- ``M`` *patch rows* carrying the tensors of one latent patch and empty side data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+# --- columns -------------------------------------------------------------------------------------------
+IMAGE_ID = "image_id"
+META = "meta"  # JSON string, see new_meta()
+DATA = "data"  # the source file's bytes (read stage -> decode stage)
+PIXELS = "pixels"  # decoded RGB, raw bytes, shape and dtype in meta (decode stage -> GRM stage)
+ALPHA = "alpha"  # raw uint8 alpha of the LR image, b"" when the image has none
+ICC = "icc"
+EXIF = "exif"
+PATCH_INDEX = "patch_index"
+GROUP = "group"
+Y0 = "y0"  # (4, V, V) float32: coarse HR latent patch
+NOISE = "noise"  # (4, V, V) float32: epsilon of Eq. 7
+SCORES = "scores"  # (K,) float32: RTM similarity scores
+RTM_IDX = "rtm_idx"  # (K,) int64: RTM entry ids
+X0 = "x0"  # (4, V, V) float32: refined patch
+SECONDS = "seconds"  # float64: Patch-DiT seconds spent on this patch (batch time / batch rows)
+ERROR = "error"  # str: a Patch-DiT failure for this patch, "" when fine
+
+IMAGE_ROW = -1  # patch_index and group of an image row
+
+# Every row after the GRM stage has ROW_COLUMNS: the Patch-DiT pools fill x0/seconds/error of their
+# group's patch rows and pass the rest through, so blocks keep one schema along the chain. The regroup
+# by image only needs REFINED_COLUMNS.
+ROW_COLUMNS = (IMAGE_ID, PATCH_INDEX, GROUP, Y0, NOISE, SCORES, RTM_IDX, X0, SECONDS, ERROR, META, ALPHA,
+               ICC, EXIF)
+REFINED_COLUMNS = [IMAGE_ID, PATCH_INDEX, GROUP, X0, SECONDS, ERROR, META, ALPHA, ICC, EXIF]
+
+STAGES = ("read", "decode", "grm", "dit", "assemble", "write")
+STATUS_OK = "ok"
+STATUS_ERROR = "error"
+
+MANIFEST_SCHEMA = pa.schema([
+    ("id", pa.string()),
+    ("source", pa.string()),
+    ("output", pa.string()),
+    ("status", pa.string()),
+    ("error", pa.string()),
+    ("mode_in", pa.string()),
+    ("bytes_in", pa.int64()),
+    ("bytes_out", pa.int64()),
+    ("height_in", pa.int64()),
+    ("width_in", pa.int64()),
+    ("height_out", pa.int64()),
+    ("width_out", pa.int64()),
+    ("patches_simple", pa.int64()),
+    ("patches_medium", pa.int64()),
+    ("patches_hard", pa.int64()),
+    *[(f"seconds_{s}", pa.float64()) for s in STAGES],
+    ("model_version", pa.string()),
+    ("rtm_version", pa.string()),
+    ("sampling", pa.string()),  # "adaptive", "uniform", "adaptive+fused", ...
+    ("seed", pa.int64()),
+    ("finished_at", pa.float64()),  # unix time the row was written
+])
+
+
+def image_id(source: str) -> str:
+    """Stable id of an input: a hash of its URI (the same file under another URI is another image)."""
+    return hashlib.sha256(source.encode()).hexdigest()[:20]
+
+
+def new_meta(*, source: str, output: str) -> dict[str, Any]:
+    """The ``meta`` dict an image starts with; stages fill in the rest."""
+    return {
+        "source": source,
+        "output": output,
+        "status": STATUS_OK,
+        "error": "",
+        "mode_in": "",
+        "bytes_in": 0,
+        "shape": [0, 0],  # LR (h, w)
+        "dtype": "",  # of the pixels column
+        "latent": [0, 0],  # latent (h, w) on the HR grid
+        "num_patches": 0,
+        "groups": [0, 0, 0],  # patches per group
+        "seconds": dict.fromkeys(STAGES, 0.0),
+        "model_version": "",
+        "rtm_version": "",
+    }
+
+
+def dump_meta(meta: dict[str, Any]) -> str:
+    return json.dumps(meta, separators=(",", ":"))
+
+
+def load_meta(text: str) -> dict[str, Any]:
+    return json.loads(text)
+
+
+def fail(meta: dict[str, Any], stage: str, exc: BaseException) -> dict[str, Any]:
+    """Mark ``meta`` as an error row, naming the stage and the exception."""
+    meta["status"] = STATUS_ERROR
+    meta["error"] = f"{stage}: {type(exc).__name__}: {exc}"
+    return meta
+
+
+def object_column(values: list[Any]) -> np.ndarray:
+    """A 1-D object array (bytes or str per row) that numpy does not try to broadcast or stack."""
+    out = np.empty(len(values), dtype=object)
+    out[:] = values
+    return out
+
+
+def manifest_row(meta: dict[str, Any], *, image_id_: str, sampling: str, seed: int, finished_at: float,
+                 out_shape: tuple[int, int] = (0, 0), bytes_out: int = 0) -> dict[str, Any]:
+    """One manifest row (``MANIFEST_SCHEMA``) from an image's final ``meta``."""
+    groups = meta["groups"]
+    ok = meta["status"] == STATUS_OK
+    return {
+        "id": image_id_,
+        "source": meta["source"],
+        "output": meta["output"] if ok else "",
+        "status": meta["status"],
+        "error": meta["error"],
+        "mode_in": meta["mode_in"],
+        "bytes_in": int(meta["bytes_in"]),
+        "bytes_out": int(bytes_out),
+        "height_in": int(meta["shape"][0]),
+        "width_in": int(meta["shape"][1]),
+        "height_out": int(out_shape[0]),
+        "width_out": int(out_shape[1]),
+        "patches_simple": int(groups[0]),
+        "patches_medium": int(groups[1]),
+        "patches_hard": int(groups[2]),
+        **{f"seconds_{s}": float(meta["seconds"].get(s, 0.0)) for s in STAGES},
+        "model_version": meta["model_version"],
+        "rtm_version": meta["rtm_version"],
+        "sampling": sampling,
+        "seed": int(seed),
+        "finished_at": float(finished_at),
+    }

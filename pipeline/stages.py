@@ -1,0 +1,348 @@
+"""The pipeline's stages: small callables with their heavy setup (weights, RTM) in ``__init__``.
+
+Each ``__call__`` takes and returns a Ray Data numpy batch (dict of arrays); column layouts are in
+``schema.py``. Resources, pool sizes and batch sizes are set in ``build.py`` only. Every stage turns a
+failure of one image into an error row (``meta["status"] == "error"``) instead of failing the job.
+
+The math is ``patchscaler.upscaler``'s stage functions, called with the same per-image seed as the
+reference upscaler, so the pipeline's output equals ``PatchScaler.upscale`` image for image.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+import torch
+
+from patchscaler.diffusion import NoiseSchedule
+from patchscaler.model import PatchScalerModel
+from patchscaler.patching import plan_grid
+from patchscaler.pgs import group_plan
+from patchscaler.upscaler import finish, plan_patches, refine, restore, retrieve, texture_prompts
+from patchscaler.weights import load_checkpoint, load_rtm
+from pipeline import schema as S
+from pipeline.decode import decode_image, encode_image, to_float, to_uint8, upscale_alpha
+from pipeline.io import read_bytes, write_bytes_atomic
+
+Batch = dict[str, np.ndarray]
+
+
+def load_model(weights: str, *, device: str, mode: str | None, autoencoder: str | None) -> PatchScalerModel:
+    """The checkpoint on ``device``, with the sampling mode overridden when ``mode`` is given."""
+    model = load_checkpoint(weights, device=device, autoencoder=autoencoder)
+    if mode:
+        model.config = model.config.replace(sampler=replace(model.config.sampler, mode=mode))
+    return model
+
+
+def _metas(batch: Batch) -> list[dict[str, Any]]:
+    return [S.load_meta(m) for m in batch[S.META]]
+
+
+class ReadStage:
+    """Read each source file's bytes (CPU tasks): adds ``data``."""
+
+    def __init__(self, *, storage_options: dict[str, Any]) -> None:
+        self.storage_options = storage_options
+
+    def __call__(self, batch: Batch) -> Batch:
+        metas, data = _metas(batch), []
+        for meta in metas:
+            start = time.perf_counter()
+            try:
+                blob = read_bytes(meta["source"], self.storage_options)
+                meta["bytes_in"] = len(blob)
+            except Exception as exc:  # a missing/unreadable object is this image's error, not the job's
+                S.fail(meta, "read", exc)
+                blob = b""
+            meta["seconds"]["read"] = time.perf_counter() - start
+            data.append(blob)
+        return {S.IMAGE_ID: batch[S.IMAGE_ID], S.META: S.object_column([S.dump_meta(m) for m in metas]),
+                S.DATA: S.object_column(data)}
+
+
+class DecodeStage:
+    """Decode bytes to pixels, alpha and colour metadata (CPU tasks); ``data`` becomes ``pixels``."""
+
+    def __init__(self, *, max_pixels: int) -> None:
+        self.max_pixels = max_pixels
+
+    def __call__(self, batch: Batch) -> Batch:
+        metas = _metas(batch)
+        pixels, alpha, icc, exif = [], [], [], []
+        for meta, blob in zip(metas, batch[S.DATA], strict=True):
+            start = time.perf_counter()
+            px = a = c = e = b""
+            if meta["status"] == S.STATUS_OK:
+                try:
+                    dec = decode_image(bytes(blob), max_pixels=self.max_pixels)
+                    meta.update(mode_in=dec.mode, shape=list(dec.rgb.shape[:2]), dtype=str(dec.rgb.dtype))
+                    px, c, e = dec.rgb.tobytes(), dec.icc, dec.exif
+                    a = dec.alpha.tobytes() if dec.alpha is not None else b""
+                except Exception as exc:  # corrupt, empty, not an image, too large
+                    S.fail(meta, "decode", exc)
+            meta["seconds"]["decode"] = time.perf_counter() - start
+            pixels.append(px)
+            alpha.append(a)
+            icc.append(c)
+            exif.append(e)
+        return {S.IMAGE_ID: batch[S.IMAGE_ID], S.META: S.object_column([S.dump_meta(m) for m in metas]),
+                S.PIXELS: S.object_column(pixels), S.ALPHA: S.object_column(alpha),
+                S.ICC: S.object_column(icc), S.EXIF: S.object_column(exif)}
+
+
+def pixels_of(meta: dict[str, Any], blob: bytes) -> np.ndarray:
+    h, w = meta["shape"]
+    return np.frombuffer(blob, dtype=np.dtype(meta["dtype"])).reshape(h, w, 3)  # (h, w, 3)
+
+
+def explode(
+    image_id: str, meta: dict[str, Any], side: tuple[bytes, bytes, bytes], tensors: dict[str, np.ndarray],
+) -> Batch:
+    """One image -> its image row followed by one row per patch (``schema.ROW_COLUMNS``)."""
+    m = len(tensors[S.Y0])
+    groups = tensors.pop(S.GROUP)
+    out: Batch = {
+        S.IMAGE_ID: S.object_column([image_id] * (m + 1)),
+        S.PATCH_INDEX: np.concatenate([[S.IMAGE_ROW], np.arange(m)]).astype(np.int64),
+        S.GROUP: np.concatenate([[S.IMAGE_ROW], groups]).astype(np.int64),
+    }
+    for name, value in tensors.items():
+        out[name] = np.concatenate([np.zeros((1, *value.shape[1:]), value.dtype), value])
+    out[S.X0] = np.zeros_like(out[S.Y0])
+    out[S.SECONDS] = np.zeros(m + 1, np.float64)
+    out[S.ERROR] = S.object_column([""] * (m + 1))
+    out[S.META] = S.object_column([S.dump_meta(meta)] + [""] * m)
+    for name, blob in zip((S.ALPHA, S.ICC, S.EXIF), side, strict=True):
+        out[name] = S.object_column([blob] + [b""] * m)
+    return out
+
+
+def concat_batches(parts: list[Batch]) -> Batch:
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def take(batch: Batch, rows: np.ndarray) -> Batch:
+    return {k: v[rows] for k, v in batch.items()}
+
+
+class GRMStage:
+    """Per image: encode + GRM -> (y_HR, C), patches, groups, noise (seeded as the reference does),
+    texture retrieval; explodes each image into its image row and one row per patch. The images of one
+    call become one block (see ``build.py``)."""
+
+    def __init__(self, *, weights: str, rtm: str, device: str, seed: int, mode: str | None,
+                 autoencoder: str | None) -> None:
+        self.model = load_model(weights, device=device, mode=mode, autoencoder=autoencoder)
+        self.rtm, manifest = load_rtm(rtm, use_gpu=device.startswith("cuda"))
+        self.rtm_version = str(manifest.get("version", ""))
+        self.seed = seed
+        v, k = self.model.config.sampler.patch_size, self.model.config.texture_encoder.top_k
+        self.empty = {S.Y0: np.zeros((0, 4, v, v), np.float32), S.NOISE: np.zeros((0, 4, v, v), np.float32),
+                      S.SCORES: np.zeros((0, k), np.float32), S.RTM_IDX: np.zeros((0, k), np.int64),
+                      S.GROUP: np.zeros((0,), np.int64)}
+
+    def _plan(self, meta: dict[str, Any], blob: bytes) -> dict[str, np.ndarray]:
+        image = to_float(pixels_of(meta, blob))  # (3, h, w)
+        y_hr, conf = restore(self.model, image)
+        plan = plan_patches(y_hr, conf, self.model, torch.Generator().manual_seed(self.seed))
+        scores, idx = retrieve(self.model, self.rtm, plan.patches)
+        meta.update(latent=[plan.grid.height, plan.grid.width], num_patches=len(plan.patches),
+                    groups=[int((plan.groups == g).sum()) for g in range(3)])
+        return {S.Y0: plan.patches.float().numpy(), S.NOISE: plan.noise.float().numpy(),
+                S.SCORES: scores.float().numpy(), S.RTM_IDX: idx.long().numpy(),
+                S.GROUP: plan.groups.long().numpy()}
+
+    def __call__(self, batch: Batch) -> Batch:
+        parts = []
+        for i, meta in enumerate(_metas(batch)):
+            start = time.perf_counter()
+            tensors = {k: v.copy() for k, v in self.empty.items()}
+            meta["model_version"], meta["rtm_version"] = self.model.version, self.rtm_version
+            if meta["status"] == S.STATUS_OK:
+                try:
+                    tensors = self._plan(meta, bytes(batch[S.PIXELS][i]))
+                except Exception as exc:  # e.g. out of memory on one huge image
+                    S.fail(meta, "grm", exc)
+            meta["seconds"]["grm"] = time.perf_counter() - start
+            side = (bytes(batch[S.ALPHA][i]), bytes(batch[S.ICC][i]), bytes(batch[S.EXIF][i]))
+            parts.append(explode(str(batch[S.IMAGE_ID][i]), meta, side, tensors))
+        rows = concat_batches(parts)
+        # image rows first, then the patches by group: a pool's share of the block is one slice
+        return take(rows, np.argsort(rows[S.GROUP], kind="stable"))
+
+
+# --- fused sampling ---------------------------------------------------------------------------------
+# Fused Patch-adaptive Group Sampling: all three groups in one loop over a shared time grid.
+#
+# With the paper's schedules every group's DDIM steps lie on one grid of stride 50:
+# 1000/20 = 700/14 = 400/8 = 50. Run the grid once from the largest τ down; a patch of group g *joins*
+# the loop at t = τ_g, starting from y_τg = q_sample(y0, τ_g, ε) (Eq. 7) exactly as its own group's sampler
+# would, and from then on it takes the same steps (t -> t - 50) as there. So the result equals per-group
+# sampling (``pgs_sample``) patch for patch, while every model call carries the active patches of all
+# groups: fewer, fuller batches, one actor pool instead of three.
+
+
+def shared_grid(schedule: NoiseSchedule, taus: list[int], steps: list[int]) -> list[int]:
+    """The common descending time grid of all groups; ``ValueError`` when their steps do not share one."""
+    grids = [schedule.timesteps(tau, n) for tau, n in zip(taus, steps, strict=True)]
+    longest = max(grids, key=len)
+    for grid in grids:
+        if grid != longest[len(longest) - len(grid):]:
+            raise ValueError(
+                f"fused sampling needs every group's steps on one grid; (tau, N) = "
+                f"{list(zip(taus, steps, strict=True))} do not share one"
+            )
+    return longest
+
+
+@torch.no_grad()
+def fused_refine(
+    model: PatchScalerModel,
+    y0: torch.Tensor,
+    groups: torch.Tensor,
+    noise: torch.Tensor,
+    values: torch.Tensor,
+    scores: torch.Tensor,
+    *,
+    schedule: NoiseSchedule,
+    batch_size: int | None = None,
+) -> torch.Tensor:
+    """Same arguments and result as ``patchscaler.upscaler.refine``: x0 patches (M, 4, V, V)."""
+    cfg = model.config.sampler
+    bs = batch_size or cfg.batch_size
+    device = next(model.patch_dit.parameters()).device
+    plan = group_plan(cfg)
+    taus = [p.tau for p in plan]
+    grid = shared_grid(schedule, taus, [p.steps for p in plan])
+    if not len(y0):
+        return y0.clone()
+    prompts = torch.cat(
+        [texture_prompts(model, v, s) for v, s in zip(values.split(bs), scores.split(bs), strict=True)]
+    )  # (M, K*L, hidden) on device
+    start = torch.tensor(taus)[groups.cpu()]  # (M,) the time step each patch joins at
+    x = torch.zeros_like(y0)  # (M, 4, V, V) on CPU, like refine's result
+    active = torch.zeros(len(y0), dtype=torch.bool)
+    for i, t in enumerate(grid):
+        t_prev = grid[i + 1] if i + 1 < len(grid) else 0
+        joining = torch.nonzero(start == t).flatten()  # (J,)
+        if len(joining):
+            x[joining] = schedule.q_sample(y0[joining], t, noise[joining])
+            active[joining] = True
+        for idx in torch.nonzero(active).flatten().split(bs):
+            t_batch = torch.full((len(idx),), float(t))  # (b,)
+            eps = model.patch_dit(
+                x[idx].to(device), t_batch.to(device), y0[idx].to(device), prompts[idx.to(device)]
+            ).to(x.device)  # (b, 4, V, V)
+            x[idx] = schedule.ddim_step(eps, t, t_prev, x[idx])
+    return x
+
+
+class PatchDiTStage:
+    """Patch-DiT sampling over the patches of one group (``group``) from many images, or of all groups
+    in one loop (``group=None``: the fused mode, ``fused_refine``). Rows of other groups and image rows
+    pass through untouched, so the pools can be chained. ``refine`` runs each patch with its group's
+    (τ, N). ``crash_marker`` is for fault-tolerance tests only: the first call that finds no file there
+    creates it and kills the actor's process."""
+
+    def __init__(self, *, weights: str, rtm: str, device: str, mode: str | None, autoencoder: str | None,
+                 group: int | None, crash_marker: str | None = None) -> None:
+        self.model = load_model(weights, device=device, mode=mode, autoencoder=autoencoder)
+        self.rtm, _ = load_rtm(rtm, use_gpu=False)  # only its values are gathered here, no search
+        self.schedule = NoiseSchedule(config=self.model.config.sampler)
+        self.group = group
+        self.crash_marker = crash_marker
+
+    def _crash_once(self) -> None:
+        if self.crash_marker and not os.path.exists(self.crash_marker):
+            with open(self.crash_marker, "w") as f:
+                f.write(str(os.getpid()))
+            os._exit(1)
+
+    def __call__(self, batch: Batch) -> Batch:
+        groups_in = batch[S.GROUP]
+        mine = groups_in != S.IMAGE_ROW if self.group is None else groups_in == self.group
+        rows = np.flatnonzero(mine)
+        if not len(rows):
+            return batch
+        self._crash_once()
+        start = time.perf_counter()
+        out = {k: v.copy() if k in (S.X0, S.SECONDS, S.ERROR) else v for k, v in batch.items()}
+        y0 = torch.from_numpy(np.ascontiguousarray(batch[S.Y0][rows]))
+        groups = torch.from_numpy(groups_in[rows].astype(np.int64))
+        noise = torch.from_numpy(np.ascontiguousarray(batch[S.NOISE][rows]))
+        scores = torch.from_numpy(np.ascontiguousarray(batch[S.SCORES][rows]))
+        values = self.rtm.gather(torch.from_numpy(batch[S.RTM_IDX][rows].astype(np.int64)))
+        sample = fused_refine if self.group is None else refine
+        try:
+            x0 = sample(self.model, y0, groups, noise, values, scores, schedule=self.schedule)
+            out[S.X0][rows] = x0.float().cpu().numpy()
+        except Exception as exc:  # the images of these patches become error rows in the assembly
+            out[S.ERROR][rows] = f"dit: {type(exc).__name__}: {exc}"
+        out[S.SECONDS][rows] = (time.perf_counter() - start) / len(rows)
+        return out
+
+
+class AssembleStage:
+    """Per image of a block: merge the refined patches (feathered overlaps), decode (tiled when large),
+    recombine alpha, encode, write atomically; returns the images' manifest rows."""
+
+    def __init__(self, *, weights: str, device: str, autoencoder: str | None, fmt: str, quality: int,
+                 storage_options: dict[str, Any], sampling: str, seed: int) -> None:
+        self.model = load_model(weights, device=device, mode=None, autoencoder=autoencoder)
+        self.fmt, self.quality = fmt, quality
+        self.storage_options = storage_options
+        self.sampling, self.seed = sampling, seed
+
+    def _write(self, meta: dict[str, Any], rows: Batch, head: int) -> tuple[tuple[int, int], int]:
+        patch_rows = np.flatnonzero(rows[S.PATCH_INDEX] != S.IMAGE_ROW)
+        patch_rows = patch_rows[np.argsort(rows[S.PATCH_INDEX][patch_rows], kind="stable")]
+        found = rows[S.PATCH_INDEX][patch_rows]
+        if not np.array_equal(found, np.arange(meta["num_patches"])):
+            raise RuntimeError(f"expected {meta['num_patches']} patches, got {len(found)}")
+        errors = [e for e in rows[S.ERROR][patch_rows] if e]
+        if errors:
+            raise RuntimeError(errors[0])
+        meta["seconds"]["dit"] = float(rows[S.SECONDS][patch_rows].sum())
+        start = time.perf_counter()
+        cfg = self.model.config
+        grid = plan_grid(*meta["latent"], patch=cfg.sampler.patch_size, overlap=cfg.sampler.overlap)
+        x0 = torch.from_numpy(np.ascontiguousarray(rows[S.X0][patch_rows]))  # (M, 4, V, V)
+        rgb = to_uint8(finish(self.model, x0, grid, tuple(meta["shape"])))  # (H, W, 3)
+        meta["seconds"]["assemble"] = time.perf_counter() - start
+        start = time.perf_counter()
+        alpha = None
+        if len(rows[S.ALPHA][head]):
+            h, w = meta["shape"]
+            lr_alpha = np.frombuffer(bytes(rows[S.ALPHA][head]), np.uint8).reshape(h, w)
+            alpha = upscale_alpha(lr_alpha, cfg.scale)
+        data = encode_image(rgb, alpha, fmt=self.fmt, quality=self.quality,
+                            icc=bytes(rows[S.ICC][head]), exif=bytes(rows[S.EXIF][head]))
+        write_bytes_atomic(meta["output"], data, self.storage_options)
+        meta["seconds"]["write"] = time.perf_counter() - start
+        return (rgb.shape[0], rgb.shape[1]), len(data)
+
+    def _one(self, rows: Batch) -> dict[str, Any]:
+        head = int(np.flatnonzero(rows[S.PATCH_INDEX] == S.IMAGE_ROW)[0])
+        meta = S.load_meta(rows[S.META][head])
+        shape, size = (0, 0), 0
+        if meta["status"] == S.STATUS_OK:
+            try:
+                shape, size = self._write(meta, rows, head)
+            except Exception as exc:
+                S.fail(meta, "assemble", exc)
+        return S.manifest_row(meta, image_id_=str(rows[S.IMAGE_ID][head]), sampling=self.sampling,
+                              seed=self.seed, finished_at=time.time(), out_shape=shape, bytes_out=size)
+
+    def __call__(self, block: Batch) -> Batch:
+        """A block of whole images -> one manifest row per image (``schema.MANIFEST_SCHEMA``)."""
+        ids = block[S.IMAGE_ID]
+        heads = np.flatnonzero(block[S.PATCH_INDEX] == S.IMAGE_ROW)
+        rows = [self._one(take(block, np.flatnonzero(ids == ids[h]))) for h in heads]
+        return {f.name: S.object_column([r[f.name] for r in rows]) if f.type == "string"
+                else np.array([r[f.name] for r in rows], dtype=f.type.to_pandas_dtype())
+                for f in S.MANIFEST_SCHEMA}

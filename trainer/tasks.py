@@ -1,0 +1,231 @@
+"""The four trainers: one ``TrainConfig`` for all, per-task defaults, and a ``Task`` per module.
+
+A task says which part of ``PatchScalerModel`` it trains (everything else is frozen), where its batches
+come from and how one step goes (``patchscaler.training.steps``). ``trainer.loop`` runs any task on Ray
+Train. Defaults follow the paper where it says something (Adam, batch 6, lr 5e-5, 50K GRM / classifier
+iterations, 500K Patch-DiT iterations, 256 px HR crops as Real-ESRGAN, RTM patches of 128 px); the
+autoencoder's follow LDM's first stage without its perceptual and adversarial terms.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from patchscaler.config import PatchScalerConfig
+from patchscaler.model import PatchScalerModel
+from patchscaler.training.degradations import DegradationConfig, degrade
+from patchscaler.training.steps import (
+    AutoencoderForTraining,
+    TextureDenoiser,
+    autoencoder_step,
+    classifier_step,
+    grm_step,
+    patchdit_step,
+)
+from patchscaler.weights import load_rtm
+from trainer.data import CropBatches, RandomCrops, balanced_files, list_textures
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    task: str  # one of TASKS
+    init: str  # input checkpoint dir (e.g. from `patchscaler init-weights`)
+    out: str  # output checkpoint dir; also where a rerun resumes from
+    data: tuple[str, ...]  # HR folders / s3:// prefixes, or one DTD-layout folder (classifier)
+    steps: int = 50_000
+    batch_size: int = 6
+    lr: float = 5e-5
+    weight_decay: float = 0.0
+    lr_schedule: str = "constant"  # or "cosine" (to 0 at `steps`)
+    warmup_steps: int = 0  # linear warm-up
+    crop: int = 256
+    crops_per_image: int = 4
+    color_augment: bool = False  # random channel order, saturation and gains per crop
+    seed: int = 0
+    log_every: int = 10
+    checkpoint_every: int = 1000
+    max_grad_norm: float | None = 1.0
+    degradation: str = "realesrgan"  # or "bicubic"
+    kl_weight: float = 1e-6  # autoencoder
+    calibrate_scale: bool = True  # autoencoder: write scaling_factor = 1 / std(latents)
+    rtm: str | None = None  # patchdit: RTM artifact dir
+    num_workers: int = 1  # Ray Train workers (one per GPU)
+    use_gpu: bool | None = None  # None: use GPUs when the Ray cluster has them
+    cpus_per_worker: int = 1
+    loader_workers: int = 0  # DataLoader processes per Ray worker
+    storage: str | None = None  # Ray Train storage path; default OUT/ray
+    address: str | None = None  # Ray cluster address; default: a local Ray
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        return cls(**{**data, "data": tuple(data["data"])})
+
+
+# The four trainer configs: per-task defaults over TrainConfig's.
+TASK_DEFAULTS: dict[str, dict[str, Any]] = {
+    "autoencoder": {"steps": 100_000, "batch_size": 8, "lr": 1e-4, "crop": 256},
+    "grm": {"steps": 50_000, "batch_size": 6, "lr": 5e-5, "crop": 256},
+    "classifier": {"steps": 100_000, "batch_size": 32, "lr": 5e-5, "crop": 128, "crops_per_image": 8},
+    "patchdit": {"steps": 500_000, "batch_size": 6, "lr": 5e-5, "crop": 256},
+}
+
+
+def learning_rate(cfg: TrainConfig, step: int) -> float:
+    """The learning rate of 0-based ``step``: linear warm-up, then constant (the paper) or cosine."""
+    warm = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps > 0 else 1.0
+    if cfg.lr_schedule == "constant":
+        return cfg.lr * warm
+    if cfg.lr_schedule == "cosine":
+        return cfg.lr * warm * 0.5 * (1.0 + math.cos(math.pi * min(step, cfg.steps) / max(1, cfg.steps)))
+    raise ValueError(f"unknown lr schedule {cfg.lr_schedule!r}; use 'constant' or 'cosine'")
+
+
+def _freeze_all_but(model: PatchScalerModel, trainable: nn.Module) -> nn.Module:
+    model.requires_grad_(False)
+    model.eval()
+    trainable.requires_grad_(True)
+    trainable.train()
+    return trainable
+
+
+@dataclass
+class Task:
+    """Base: ``setup`` picks the trainable module, ``batches`` the data, ``step`` one update."""
+
+    cfg: TrainConfig
+    model: PatchScalerModel
+    device: torch.device
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    def setup(self) -> nn.Module:
+        raise TypeError(f"{type(self).__name__} must define setup()")
+
+    def batches(self, *, rank: int, start_step: int) -> CropBatches:
+        files, weights = balanced_files(self.cfg.data)
+        dataset = RandomCrops(files=files, weights=weights, crop=self.cfg.crop,
+                              crops_per_image=self.cfg.crops_per_image, color_augment=self.cfg.color_augment,
+                              seed=_stream_seed(self.cfg.seed, rank, start_step))
+        return CropBatches(dataset, batch_size=self.cfg.batch_size, num_workers=self.cfg.loader_workers)
+
+    def step(self, module: nn.Module, batch: tuple[torch.Tensor, torch.Tensor],
+             optimizer: torch.optim.Optimizer, generator: torch.Generator) -> dict[str, float]:
+        raise TypeError(f"{type(self).__name__} must define step()")
+
+    def checkpoint_config(self, batches: CropBatches) -> PatchScalerConfig:
+        """The config written next to the weights (the autoencoder task calibrates the latent scale)."""
+        return self.model.config
+
+    def degrade(self, hr: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        deg = DegradationConfig(kind=self.cfg.degradation, scale=self.model.config.scale)
+        return degrade(hr, config=deg, generator=generator)
+
+    def check_crop(self, minimum: int) -> None:
+        multiple = self.model.autoencoder.factor * self.model.config.scale
+        if self.cfg.crop % multiple or self.cfg.crop < minimum:
+            raise ValueError(f"--crop {self.cfg.crop}: must be a multiple of {multiple} and >= {minimum}")
+
+
+def _stream_seed(seed: int, rank: int, start_step: int) -> int:
+    return seed * 1_000_003 + rank * 10_007 + start_step
+
+
+class AutoencoderTask(Task):
+    def setup(self) -> nn.Module:
+        self.check_crop(self.model.autoencoder.factor)
+        return _freeze_all_but(self.model, AutoencoderForTraining(vae=self.model.autoencoder.vae))
+
+    def step(self, module, batch, optimizer, generator):
+        hr = batch[0].to(self.device)
+        return autoencoder_step(module, hr, optimizer, kl_weight=self.cfg.kl_weight, generator=generator,
+                                max_grad_norm=self.cfg.max_grad_norm)
+
+    @torch.no_grad()
+    def checkpoint_config(self, batches: CropBatches) -> PatchScalerConfig:
+        """LDM's recipe for the latent scale: 1 / std of the latents of a few training batches."""
+        config = self.model.config
+        if not self.cfg.calibrate_scale:
+            return config
+        vae = self.model.autoencoder.vae
+        means = [vae.encode(next(batches)[0].to(self.device) * 2 - 1).latent_dist.mean for _ in range(4)]
+        factor = float(1.0 / torch.cat(means).float().std())
+        ae = dataclasses.replace(config.autoencoder, scaling_factor=round(factor, 6))
+        return config.replace(autoencoder=ae)
+
+
+class GRMTask(Task):
+    def setup(self) -> nn.Module:
+        self.check_crop(self.model.autoencoder.factor * self.model.config.scale)
+        return _freeze_all_but(self.model, self.model.grm)
+
+    def step(self, module, batch, optimizer, generator):
+        hr = batch[0].to(self.device)
+        lr = self.degrade(hr, generator)
+        g = self.model.config.grm
+        return grm_step(module, self.model.autoencoder, lr, hr, optimizer, scale=self.model.config.scale,
+                        lam=g.loss_lambda, eta=g.loss_eta, max_grad_norm=self.cfg.max_grad_norm)
+
+
+class ClassifierTask(Task):
+    def setup(self) -> nn.Module:
+        patch = self.model.config.sampler.patch_size * self.model.autoencoder.factor
+        if self.cfg.crop != patch:
+            raise ValueError(f"--crop {self.cfg.crop}: the classifier sees {patch} px crops (latent "
+                             f"{self.model.config.sampler.patch_size}x{self.model.config.sampler.patch_size})")
+        return _freeze_all_but(self.model, self.model.classifier)
+
+    def batches(self, *, rank: int, start_step: int) -> CropBatches:
+        if len(self.cfg.data) != 1:
+            raise ValueError("train-classifier reads one DTD-layout folder")
+        samples = list_textures(self.cfg.data[0])
+        dataset = RandomCrops(files=[p for p, _ in samples], labels=[lab for _, lab in samples],
+                              crop=self.cfg.crop, crops_per_image=self.cfg.crops_per_image,
+                              seed=_stream_seed(self.cfg.seed, rank, start_step))
+        return CropBatches(dataset, batch_size=self.cfg.batch_size, num_workers=self.cfg.loader_workers)
+
+    def step(self, module, batch, optimizer, generator):
+        images, labels = batch[0].to(self.device), batch[1].to(self.device)
+        return classifier_step(module, self.model.autoencoder, images, labels, optimizer,
+                               max_grad_norm=self.cfg.max_grad_norm)
+
+
+class PatchDiTTask(Task):
+    def setup(self) -> nn.Module:
+        patch = self.model.config.sampler.patch_size
+        self.check_crop(patch * self.model.autoencoder.factor)
+        if not self.cfg.rtm:
+            raise ValueError("train-patchdit needs --rtm (an RTM artifact, see `patchscaler build-rtm`)")
+        from patchscaler.diffusion import NoiseSchedule
+
+        self.extras["rtm"], _ = load_rtm(self.cfg.rtm)
+        self.extras["schedule"] = NoiseSchedule(config=self.model.config.sampler)
+        self.extras["schedule"].alphas_cumprod = self.extras["schedule"].alphas_cumprod.to(self.device)
+        denoiser = TextureDenoiser(patch_dit=self.model.patch_dit, texture_encoder=self.model.texture_encoder)
+        return _freeze_all_but(self.model, denoiser)
+
+    def step(self, module, batch, optimizer, generator):
+        hr = batch[0].to(self.device)
+        lr = self.degrade(hr, generator)
+        cfg = self.model.config
+        return patchdit_step(
+            module, grm=self.model.grm, classifier=self.model.classifier, autoencoder=self.model.autoencoder,
+            rtm=self.extras["rtm"], schedule=self.extras["schedule"], lr=lr, hr=hr, optimizer=optimizer,
+            scale=cfg.scale, patch=cfg.sampler.patch_size, top_k=cfg.texture_encoder.top_k,
+            generator=generator, max_grad_norm=self.cfg.max_grad_norm,
+        )
+
+
+TASKS: dict[str, type[Task]] = {
+    "autoencoder": AutoencoderTask,
+    "grm": GRMTask,
+    "classifier": ClassifierTask,
+    "patchdit": PatchDiTTask,
+}
