@@ -13,7 +13,8 @@ An entry's ``key`` — its path relative to the set without extension and withou
 its image id in every results table. Upscaled images are matched to entries by the same key computed on
 the results folder (``Canon_001_LR4.png`` and ``Canon_001.png`` both match ``Canon_001``), falling back to
 the file name alone when that is unambiguous. ``<key>_groups.png`` / ``<key>_confidence.png`` next to a
-result are its group / confidence maps (``patchscaler upscale --save-maps``).
+result are its group / confidence maps (``patchscaler upscale --save-maps``); ``_maps/<key>.png`` under the
+results root is its group map from ``upscale-dataset --maps``.
 """
 
 from __future__ import annotations
@@ -33,7 +34,16 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from pipeline.io import filesystem, is_remote, join, list_files, normalize_root, read_bytes, relative
+from pipeline.io import (
+    MAPS_DIR,
+    filesystem,
+    is_remote,
+    join,
+    list_files,
+    normalize_root,
+    read_bytes,
+    relative,
+)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 LAYOUTS = ("auto", "realsr", "paired", "lr")
@@ -137,7 +147,11 @@ def list_results(root: str, options: dict[str, Any] | None = None) -> ResultFile
     for uri in list_files(root, options or {}):
         if not is_image(uri):
             continue
-        key = split_key(relative(root, uri))[0]
+        rel = relative(root, uri)
+        if rel.startswith(MAPS_DIR + "/"):  # upscale-dataset --maps: _maps/<output path>.png
+            maps.setdefault(split_key(rel[len(MAPS_DIR) + 1:])[0], {})["groups"] = uri
+            continue
+        key = split_key(rel)[0]
         m = _MAP_SUFFIX.search(key)
         if m:
             maps.setdefault(key[: m.start()], {})[m.group(1)] = uri

@@ -7,11 +7,13 @@ columns of :data:`eval.results.RESULT_SCHEMA`.
 
 :func:`score_dataset` is the only place that sets the stage's resources: the actor pool size and
 ``num_gpus`` (a fraction of a GPU per actor when the cluster has GPUs: the metric models are small, so
-several actors share one GPU). ``upscale-dataset --score`` appends the same stage to its pipeline.
+several actors share one GPU). ``upscale-dataset --score`` appends :class:`PipelineScoreStage` (the same
+scoring on the pipeline's manifest rows) to its graph; ``pipeline/build.py`` sets that pool's resources.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,6 +26,7 @@ import torch
 from eval.datasets import decode_image
 from eval.metrics import PYIQA_VERSION, MetricScorer, check_weights, resolve_cache_dir
 from eval.results import RESULT_SCHEMA, results_frame
+from pipeline import schema as S
 from pipeline.io import read_bytes
 
 INPUT_COLUMNS = ("image_id", "dataset", "sr", "hr", "lr", "model_version", "rtm_version", "runtime_s")
@@ -39,7 +42,7 @@ class ScoreConfig:
     crop_border: int = 4  # pixels cropped off each side for PSNR/SSIM (the scale, by convention)
     actors: int = 1
     gpus_per_actor: float | None = None  # None: DEFAULT_GPU_FRACTION when the cluster has GPUs, else 0
-    cpus_per_actor: float = 1.0
+    cpus_per_actor: float | None = None  # None: 1 (in upscale-dataset: the share of its model actors)
     batch_size: int = 4  # images per call
     storage_options: dict[str, Any] = field(default_factory=dict)
 
@@ -70,7 +73,8 @@ class ScoreStage:
         base = {
             "image_id": str(row["image_id"]), "dataset": str(row["dataset"]),
             "model_version": _text(row.get("model_version")), "rtm_version": _text(row.get("rtm_version")),
-            "runtime_s": float(row.get("runtime_s", math.nan)), "sr_path": _text(row.get("sr")),
+            "runtime_s": float(row.get("runtime_s", math.nan)),
+            "sr_path": _text(row.get("sr_path")) or _text(row.get("sr")),
             "hr_path": _text(row.get("hr")), "lr_path": _text(row.get("lr")), "iqa_version": PYIQA_VERSION,
         }
         try:
@@ -102,6 +106,33 @@ class ScoreStage:
         return out
 
 
+class PipelineScoreStage(ScoreStage):
+    """The scoring pool of ``upscale-dataset --score``, after the assembler. In: the images' manifest rows
+    with the written file's bytes (``encoded``) and their scoring info (``eval``: image id, dataset, HR
+    and LR URIs). Out: the manifest rows with the image's score rows as JSON (``iqa_scores``; ``[]`` for
+    error rows, which get no scores). The upscaling runtime of a score row is the sum of its image's
+    stage seconds; its ``sr_path`` is the written output."""
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out = {k: v for k, v in batch.items() if k not in (S.ENCODED, S.EVAL)}
+        scores = []
+        for i in range(len(batch["id"])):
+            if batch["status"][i] != S.STATUS_OK:
+                scores.append("[]")
+                continue
+            info = json.loads(batch[S.EVAL][i] or "{}")
+            rows = self.score_row({
+                "image_id": info.get("image_id", str(batch["id"][i])), "dataset": info.get("dataset", ""),
+                "sr": bytes(batch[S.ENCODED][i]), "sr_path": str(batch["output"][i]),
+                "hr": info.get("hr", ""), "lr": info.get("lr", ""),
+                "model_version": str(batch["model_version"][i]), "rtm_version": str(batch["rtm_version"][i]),
+                "runtime_s": sum(float(batch[f"seconds_{s}"][i]) for s in S.STAGES),
+            })
+            scores.append(json.dumps(rows))
+        out[S.IQA] = S.object_column(scores)
+        return out
+
+
 def stage_resources(config: ScoreConfig) -> dict[str, Any]:
     """``num_cpus``/``num_gpus`` of one scoring actor and the device its models run on."""
     import ray
@@ -110,7 +141,7 @@ def stage_resources(config: ScoreConfig) -> dict[str, Any]:
     gpus = config.gpus_per_actor if config.gpus_per_actor is not None else (
         DEFAULT_GPU_FRACTION if has_gpu else 0.0)
     device = config.device if config.device != "auto" else ("cuda" if gpus > 0 else "cpu")
-    return {"num_cpus": config.cpus_per_actor, "num_gpus": gpus, "device": device}
+    return {"num_cpus": config.cpus_per_actor or 1.0, "num_gpus": gpus, "device": device}
 
 
 def score_dataset(ds: Any, config: ScoreConfig) -> Any:

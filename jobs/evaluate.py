@@ -12,6 +12,7 @@ import argparse
 import json
 import sys
 import time
+from typing import Any
 
 from eval.datasets import LAYOUTS
 from eval.metrics import PAPER_METRICS, parse_metrics
@@ -24,7 +25,7 @@ def parse_dataset(text: str) -> tuple[str, str]:
     return name.strip(), root.strip()
 
 
-def _metrics(text: str) -> tuple[str, ...]:
+def metric_list(text: str) -> tuple[str, ...]:
     try:
         return parse_metrics(text)
     except KeyError as exc:
@@ -39,7 +40,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "paper; without any, every result image is scored alone (no-reference metrics)")
     p.add_argument("--layout", choices=LAYOUTS, default="auto", help="dataset layout (auto: detected)")
     p.add_argument("--scale", type=int, default=4, help="upscaling factor (RealSR's *_LR<scale> files)")
-    p.add_argument("--metrics", type=_metrics, default=PAPER_METRICS,
+    p.add_argument("--metrics", type=metric_list, default=PAPER_METRICS,
                    help=f"comma-separated (default: {','.join(PAPER_METRICS)}); psnr,ssim,piqe need no "
                         "weight files")
     p.add_argument("--out", required=True, help="output folder or s3:// prefix (tables, report)")
@@ -59,21 +60,50 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--s3-endpoint", default=None, help="S3-compatible endpoint URL (MinIO, Ceph, ...)")
 
 
+def weights_missing(metrics: tuple[str, ...], cache_dir: str | None) -> bool:
+    """Check the metric weights before anything starts; prints eval.metrics' error (naming every missing
+    file and its URL) when some are missing. Jobs then exit with 2."""
+    from eval.metrics import MissingDependencyError, MissingWeightsError, check_weights, resolve_cache_dir
+
+    try:
+        check_weights(metrics, resolve_cache_dir(cache_dir))
+    except (MissingWeightsError, MissingDependencyError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return True
+    return False
+
+
+def record_run(results: Any, *, out: str, history: str | None, run_id: str, maps: dict[Any, dict[str, str]],
+               examples: int, report: bool, options: dict[str, Any]) -> Any:
+    """Write the tables of ``results`` (``eval.results.RESULT_SCHEMA`` rows) under ``out``, append the run
+    to the history, render the report (``report``) and print the summary; returns the summary frame."""
+    from eval.report import render_report
+    from eval.results import write_run
+
+    timestamp = time.time()
+    summary, hist = write_run(results, out, history=history, run_id=run_id, timestamp=timestamp,
+                              options=options)
+    if report:
+        files = render_report(results=results, summary=summary, history=hist, out=out, maps=maps,
+                              run_id=run_id, examples_per_dataset=examples, options=options)
+        print(f"report: {files.html}")
+    for r in summary.itertuples():
+        print(json.dumps({"dataset": r.dataset, "metric": r.metric, "mean": r.mean, "std": r.std,
+                          "count": r.count, "failed": r.failed}))
+    return summary
+
+
 def run(args: argparse.Namespace) -> int:
     from eval.datasets import plan_scoring
-    from eval.metrics import MissingDependencyError, MissingWeightsError, check_weights, resolve_cache_dir
-    from eval.report import render_report
-    from eval.results import new_run_id, write_run
+    from eval.metrics import resolve_cache_dir
+    from eval.results import new_run_id
     from eval.score import ScoreConfig, score_rows
     from pipeline.io import storage_options
 
     options = storage_options(args.s3_endpoint)
-    cache = resolve_cache_dir(args.metric_cache)
-    try:
-        check_weights(args.metrics, cache)  # before anything starts
-    except (MissingWeightsError, MissingDependencyError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    if weights_missing(args.metrics, args.metric_cache):  # before anything starts
         return 2
+    cache = resolve_cache_dir(args.metric_cache)
     plan = plan_scoring(args.results, args.dataset, layout=args.layout, scale=args.scale, options=options)
     for entry in plan.missing:
         print(json.dumps({"dataset": entry.dataset, "image_id": entry.key, "status": "missing",
@@ -91,17 +121,9 @@ def run(args: argparse.Namespace) -> int:
                          actors=args.actors, gpus_per_actor=args.gpus_per_actor, batch_size=args.batch_size,
                          storage_options=options)
     results = score_rows(plan.rows, config)
-    timestamp = time.time()
-    run_id = args.run_id or new_run_id(timestamp)
-    summary, history = write_run(results, args.out, history=args.history, run_id=run_id, timestamp=timestamp,
-                                 options=options)
-    if not args.no_report:
-        files = render_report(results=results, summary=summary, history=history, out=args.out, maps=plan.maps,
-                              run_id=run_id, examples_per_dataset=args.examples, options=options)
-        print(f"report: {files.html}")
-    for r in summary.itertuples():
-        print(json.dumps({"dataset": r.dataset, "metric": r.metric, "mean": r.mean, "std": r.std,
-                          "count": r.count, "failed": r.failed}))
+    run_id = args.run_id or new_run_id(time.time())
+    summary = record_run(results, out=args.out, history=args.history, run_id=run_id, maps=plan.maps,
+                         examples=args.examples, report=not args.no_report, options=options)
     failed = int(summary["failed"].sum()) if not summary.empty else 0
     print(f"run {run_id}: {results['image_id'].nunique()} images scored, {failed} failed values, "
           f"{len(plan.missing)} missing results")

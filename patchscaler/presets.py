@@ -41,14 +41,14 @@ PRESETS: dict[str, PatchScalerConfig] = {
         texture_encoder=TextureEncoderConfig(depth=6, mlp_ratio=2.0, top_k=4),
         sampler=SamplerConfig(batch_size=256),
     ),
-    # SD-VAE (83.7M) + GRM + classifier + Patch-DiT (DiT-XL/2 width, 24 blocks with cross-attention)
-    # + texture encoder (12 blocks): see docs/model.md for the measured breakdown (~875M).
+    # SD-VAE 83.65M + GRM 42.43M + classifier 1.77M + Patch-DiT 582.82M (width 1024, 24 blocks with
+    # cross-attention) + texture encoder 165.07M (12 trimmed blocks) = 875.7M (docs/model.md).
     "paper": PatchScalerConfig(
         autoencoder=AutoencoderConfig(),
-        grm=GRMConfig(base_channels=128, channel_mult=(1, 2, 2, 4, 4), num_res_blocks=2),
+        grm=GRMConfig(base_channels=96, channel_mult=(1, 2, 2, 4, 4), num_res_blocks=2),
         classifier=ClassifierConfig(channels=(128, 256, 512), feature_dim=512),
         patch_dit=PatchDiTConfig(hidden_size=1024, depth=24, num_heads=16, mlp_ratio=4.0),
-        texture_encoder=TextureEncoderConfig(depth=12, mlp_ratio=2.0, top_k=4),
+        texture_encoder=TextureEncoderConfig(depth=12, mlp_ratio=1.5, top_k=4),
         sampler=SamplerConfig(batch_size=512),
     ),
 }

@@ -122,8 +122,8 @@ def load_checkpoint(
 ) -> PatchScalerModel:
     """Build the model from ``path/config.json`` and load ``path/model.safetensors`` strictly.
 
-    ``autoencoder``: optional separate SD-VAE weights (file or diffusers dir); the checkpoint's own
-    ``autoencoder.*`` tensors are then not required.
+    ``autoencoder``: optional separate SD-VAE weights (file or diffusers dir); they take the place of
+    the checkpoint's own ``autoencoder.*`` tensors, which are then neither required nor loaded.
     """
     config = load_config(path)
     blob = _read_bytes(_join(path, WEIGHTS_FILE), "checkpoint weights (model.safetensors)")
@@ -131,6 +131,8 @@ def load_checkpoint(
     vae = load_autoencoder_weights(autoencoder, config.autoencoder) if autoencoder else None
     model = PatchScalerModel(config=config, vae=vae)
     ignore = "autoencoder." if autoencoder else ""
+    if ignore:
+        state = {k: v for k, v in state.items() if not k.startswith(ignore)}
     check_state_dict(model.state_dict(), state, source=path, ignore_prefix=ignore)
     model.load_state_dict(state, strict=not ignore)
     model.version = content_hash(blob)

@@ -17,6 +17,10 @@ all-to-all shuffle, the graph has no barrier and streams with Ray Data's bounded
 no fan-out.)
 
 Fused layout (``fused=True``): one Patch-DiT pool runs all groups in one step loop (``stages.fused_refine``).
+
+Scoring (``score`` set, ``upscale-dataset --score``): a pool of ``eval.score.PipelineScoreStage`` actors
+after the assembler scores every written image with the IQA metrics in the same pass; the assembler then
+hands it the encoded bytes, so nothing is read back.
 """
 
 from __future__ import annotations
@@ -25,12 +29,15 @@ import contextlib
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ray
 from ray.data import DataContext, Dataset
 
 from pipeline.stages import AssembleStage, DecodeStage, GRMStage, PatchDiTStage, ReadStage
+
+if TYPE_CHECKING:
+    from eval.score import ScoreConfig
 
 GROUP_KEYS = ("simple", "medium", "hard")
 # Every actor pool restarts dead actors and retries their tasks for as long as it takes.
@@ -61,6 +68,11 @@ class PipelineConfig:
     grm_batch: int = 4  # images per GRM call = per block
     storage_options: dict[str, Any] = field(default_factory=dict)
     overwrite: bool = False  # ignore the manifest: redo every image
+    sources: list[str] | None = None  # the inputs, all under `input` (None: every file under it)
+    maps: bool = False  # write each image's group map to OUTPUT/_maps/ (pipeline/scores.py)
+    score: ScoreConfig | None = None  # IQA-score the outputs in the same pass (pipeline/scores.py)
+    score_dataset: str = ""  # dataset name of the score rows ("": the input folder's name)
+    score_pairs: dict[str, tuple[str, str]] = field(default_factory=dict)  # source -> (image id, HR URI)
     crash_marker: str | None = None  # tests only, see PatchDiTStage
 
     @property
@@ -125,7 +137,8 @@ def pipeline_dataset(cfg: PipelineConfig, items: list[dict[str, str]], sizes: di
     """The whole graph over ``items`` (image id + meta); its rows are the images' manifest rows.
     Build it inside ``unsplit_blocks()``."""
     dit = [(None, total_dit_actors(cfg))] if cfg.fused else list(sizes.items())
-    res = {**actor_resources(cfg, cfg.grm_actors + cfg.assemble_actors + sum(n for _, n in dit)),
+    scorers = cfg.score.actors if cfg.score is not None else 0
+    res = {**actor_resources(cfg, cfg.grm_actors + cfg.assemble_actors + sum(n for _, n in dit) + scorers),
            **FAULT_TOLERANCE}
     model_args = {"weights": cfg.weights, "device": cfg.device, "autoencoder": cfg.autoencoder}
     tasks = max(1, min(cfg.decode_tasks, len(items)))
@@ -136,7 +149,8 @@ def pipeline_dataset(cfg: PipelineConfig, items: list[dict[str, str]], sizes: di
                         concurrency=tasks, num_cpus=1)
     ds = ds.map_batches(
         GRMStage, batch_size=cfg.grm_batch, batch_format="numpy", concurrency=cfg.grm_actors,
-        fn_constructor_kwargs={**model_args, "rtm": cfg.rtm, "seed": cfg.seed, "mode": cfg.mode}, **res,
+        fn_constructor_kwargs={**model_args, "rtm": cfg.rtm, "seed": cfg.seed, "mode": cfg.mode,
+                               "storage_options": cfg.storage_options}, **res,
     )
     for group, n in dit:
         ds = ds.map_batches(  # batch_size=None: whole blocks, so images stay whole
@@ -144,11 +158,31 @@ def pipeline_dataset(cfg: PipelineConfig, items: list[dict[str, str]], sizes: di
             fn_constructor_kwargs={**model_args, "rtm": cfg.rtm, "mode": cfg.mode, "group": group,
                                    "crash_marker": cfg.crash_marker}, **res,
         )
-    return ds.map_batches(
+    ds = ds.map_batches(
         AssembleStage, batch_size=None, batch_format="numpy", concurrency=cfg.assemble_actors,
         fn_constructor_kwargs={**model_args, "fmt": cfg.fmt, "quality": cfg.quality,
                                "storage_options": cfg.storage_options, "sampling": cfg.sampling,
-                               "seed": cfg.seed}, **res,
+                               "seed": cfg.seed, "score": cfg.score is not None}, **res,
+    )
+    return ds if cfg.score is None else with_scoring(ds, cfg, res)
+
+
+def with_scoring(ds: Dataset, cfg: PipelineConfig, res: dict[str, Any]) -> Dataset:
+    """Append the scoring pool. Its actors count among the model actors that share the cluster
+    (``res``), unless the score config sets their CPUs/GPUs; the metric models run on a GPU when the
+    actors get a share of one."""
+    from eval.metrics import resolve_cache_dir
+    from eval.score import PipelineScoreStage
+
+    sc = cfg.score
+    gpus = sc.gpus_per_actor if sc.gpus_per_actor is not None else res.get("num_gpus", 0.0)
+    device = sc.device if sc.device != "auto" else ("cuda" if gpus > 0 else "cpu")
+    return ds.map_batches(
+        PipelineScoreStage, batch_size=sc.batch_size, batch_format="numpy", concurrency=sc.actors,
+        num_cpus=sc.cpus_per_actor or res["num_cpus"], num_gpus=gpus, **FAULT_TOLERANCE,
+        fn_constructor_kwargs={"metrics": tuple(sc.metrics), "cache_dir": resolve_cache_dir(sc.cache_dir),
+                               "device": device, "seed": sc.seed, "crop_border": sc.crop_border,
+                               "storage_options": cfg.storage_options},
     )
 
 
@@ -166,7 +200,8 @@ def unsplit_blocks() -> Iterator[None]:
 
 def iter_manifest_rows(cfg: PipelineConfig, items: list[dict[str, str]], sizes: dict[int, int]
                        ) -> Iterator[dict[str, Any]]:
-    """Run the graph over ``items``, yielding each image's manifest row as soon as it is written."""
+    """Run the graph over ``items``, yielding each image's manifest row as soon as it is written (with
+    its score rows as JSON in ``schema.IQA`` when scoring)."""
     with unsplit_blocks():
         ds = pipeline_dataset(cfg, items, sizes)
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):

@@ -38,6 +38,7 @@ ALPHA_MODES = ("LA", "La", "PA", "RGBA", "RGBa")
 FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
 EXTENSIONS = {"png": "png", "jpeg": "jpg", "webp": "webp"}
 ORIENTATION_TAG = 0x0112
+GROUP_PALETTE = ((46, 204, 113), (241, 196, 15), (231, 76, 60))  # simple / medium / hard
 
 
 class ImageTooLarge(ValueError):
@@ -135,4 +136,15 @@ def encode_image(
         options["quality"] = int(quality)
     buf = io.BytesIO()
     im.save(buf, format=FORMATS[fmt], **options)
+    return buf.getvalue()
+
+
+def encode_group_map(groups: np.ndarray) -> bytes:
+    """A (h, w) map of patch groups 0/1/2 as a palette PNG: the pixel values are the groups, the palette
+    shows them green / yellow / red (simple / medium / hard), as ``upscale --save-maps`` colours them."""
+    h, w = groups.shape
+    im = Image.frombytes("P", (w, h), np.ascontiguousarray(groups, dtype=np.uint8).tobytes())
+    im.putpalette([c for rgb in GROUP_PALETTE for c in rgb])
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
     return buf.getvalue()

@@ -23,6 +23,8 @@ from fsspec.implementations.local import LocalFileSystem
 
 PARTIAL = ".partial-"
 MANIFEST_DIR = "_manifest"
+SCORES_DIR = "_scores"  # IQA score parts (`upscale-dataset --score`)
+MAPS_DIR = "_maps"  # per-image group maps (`upscale-dataset --maps`)
 
 
 def is_remote(uri: str) -> bool:

@@ -9,7 +9,7 @@
    ``--window`` finished images, so a killed job loses at most that many images' records (their
    outputs, written atomically, are simply redone). With automatic pool sizes and more than two
    windows to do, the first window runs alone and its patches per group size the pools of the rest.
-4. Rewrite the consolidated manifest and print a summary.
+4. Rewrite the consolidated manifest (and ``scores.parquet`` when scoring) and print a summary.
 
 The manifest:
 - ``OUTPUT/_manifest/part-<run>-<n>.parquet``: the rows of ``--window`` finished images, written
@@ -20,6 +20,8 @@ The manifest:
 An image counts as finished when its latest row says ``ok`` **and** its output exists; anything else
 (no row, an error row, a missing output) is redone on the next run. Error rows are retried because
 some errors are transient (an object store hiccup, an out-of-memory on a busy GPU).
+
+Scores (``--score``) and group maps (``--maps``) of the same pass: see ``pipeline/scores.py``.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline import schema as S
+from pipeline import scores as Q
 from pipeline.build import GROUP_KEYS, PipelineConfig, iter_manifest_rows, pool_sizes, total_dit_actors
 from pipeline.decode import EXTENSIONS, FORMATS
 from pipeline.io import (
@@ -144,8 +147,14 @@ class Summary:
 def plan_inputs(cfg: PipelineConfig) -> tuple[list[str], dict[str, str]]:
     """(sources, output URI per source) for the normalised input and output roots of ``cfg``."""
     in_root, out_root = normalize_root(cfg.input), normalize_root(cfg.output)
-    sources = [s for s in list_files(in_root, cfg.storage_options)
-               if not s.startswith(out_root.rstrip("/") + "/")]
+    if cfg.sources is not None:
+        sources = sorted(set(cfg.sources))
+        outside = [s for s in sources if not s.startswith(in_root.rstrip("/") + "/") and s != in_root]
+        if outside:
+            raise ValueError(f"inputs outside the input root {in_root}: {outside[:3]}")
+    else:
+        sources = [s for s in list_files(in_root, cfg.storage_options)
+                   if not s.startswith(out_root.rstrip("/") + "/")]
     if cfg.fmt not in FORMATS:
         raise ValueError(f"unknown output format {cfg.fmt!r}; choose one of {sorted(FORMATS)}")
     return sources, plan_outputs(sources, in_root, out_root, EXTENSIONS[cfg.fmt])
@@ -161,8 +170,22 @@ def sampler_steps(cfg: PipelineConfig) -> tuple[int, int, int]:
     return (steps[-1],) * 3 if mode == "uniform" else (steps[0], steps[1], steps[2])
 
 
-def _item(source: str, output: str) -> dict[str, str]:
-    return {S.IMAGE_ID: S.image_id(source), S.META: S.dump_meta(S.new_meta(source=source, output=output))}
+def _item(cfg: PipelineConfig, source: str, output: str) -> dict[str, str]:
+    meta = S.new_meta(source=source, output=output, map_uri=Q.map_uri(cfg.output, output) if cfg.maps else "",
+                      eval_info=Q.eval_info(cfg, source) if cfg.score is not None else None)
+    return {S.IMAGE_ID: S.image_id(source), S.META: S.dump_meta(meta)}
+
+
+def _finished(cfg: PipelineConfig, sources: list[str], planned: dict[str, str]) -> set[str]:
+    """Ids to skip: ok, output present and, when scoring, scored with every metric they should get."""
+    if cfg.overwrite:
+        return set()
+    done = finished_ids(cfg.output, planned, cfg.storage_options)
+    if cfg.score is None or not done:
+        return done
+    required = {S.image_id(s): Q.required_metrics(cfg, Q.eval_info(cfg, s)) for s in sources}
+    rows = latest(read_parts(cfg.output, cfg.storage_options))
+    return done & Q.scored_ids(cfg.output, rows, {i: required[i] for i in done}, cfg.storage_options)
 
 
 def lost_row(item: dict[str, str], cfg: PipelineConfig) -> dict[str, Any]:
@@ -180,34 +203,42 @@ def executions(cfg: PipelineConfig, items: list[dict[str, str]]) -> list[list[di
 
 
 def run_pipeline(cfg: PipelineConfig, *, echo: bool = True) -> Summary:
-    """Upscale every unfinished input of ``cfg.input`` into ``cfg.output`` on the connected Ray cluster."""
+    """Upscale every unfinished input of ``cfg.input`` into ``cfg.output`` on the connected Ray cluster.
+    With ``cfg.score`` the metric weights are checked first (``eval.metrics.MissingWeightsError`` before
+    anything starts)."""
     start = time.perf_counter()
+    if cfg.score is not None:
+        from eval.metrics import check_weights, resolve_cache_dir
+
+        check_weights(cfg.score.metrics, resolve_cache_dir(cfg.score.cache_dir))
     cfg.output = normalize_root(cfg.output)
     sources, outputs = plan_inputs(cfg)
     remove_partials(cfg.output)
     planned = {S.image_id(s): outputs[s] for s in sources}
-    done = set() if cfg.overwrite else finished_ids(cfg.output, planned, cfg.storage_options)
-    todo = [_item(s, outputs[s]) for s in sources if S.image_id(s) not in done]
+    done = _finished(cfg, sources, planned)
+    todo = [_item(cfg, s, outputs[s]) for s in sources if S.image_id(s) not in done]
     steps = sampler_steps(cfg)
     run_id = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
     if echo:
         print(f"{len(sources)} inputs, {len(sources) - len(todo)} already done, {len(todo)} to do",
               flush=True)
     counts = dict.fromkeys(range(3), 0)  # patches per group so far: sizes the pools
-    ok = failed = parts = 0
+    ok = failed = parts = scored = 0
     pools: list[dict[str, int]] = []
-    for items in executions(cfg, todo):
+    for items in executions(cfg, todo) if todo else []:
         sizes = pool_sizes(cfg, counts, steps)
         pools.append({GROUP_KEYS[g]: n for g, n in sizes.items()} or {"fused": total_dit_actors(cfg)})
         if echo:
             print(f"running {len(items)} images, Patch-DiT actors {pools[-1]}", flush=True)
         pending = {i[S.IMAGE_ID]: i for i in items}
         buffer: list[dict[str, Any]] = []
+        score_rows: list[dict[str, Any]] = []
         rows = iter_manifest_rows(cfg, items, sizes)
         while True:
             row = next(rows, None)
             if row is not None and pending.pop(row["id"], None) is not None:
                 buffer.append(row)
+                score_rows += Q.rows_of(row)
                 for g, name in enumerate(GROUP_KEYS):
                     counts[g] += int(row[f"patches_{name}"])
                 ok, failed = (ok + 1, failed) if row["status"] == S.STATUS_OK else (ok, failed + 1)
@@ -215,14 +246,23 @@ def run_pipeline(cfg: PipelineConfig, *, echo: bool = True) -> Summary:
                 buffer += [lost_row(i, cfg) for i in pending.values()]
                 failed += len(pending)
             if buffer and (row is None or len(buffer) >= cfg.window):
+                if cfg.score is not None:  # the scores first: a manifest part never lacks its scores
+                    Q.write_part(cfg.output, f"{run_id}-{parts:05d}", score_rows, cfg.storage_options)
+                    scored += len(score_rows)
                 write_part(cfg.output, f"{run_id}-{parts:05d}", buffer, cfg.storage_options)
                 parts += 1
-                buffer = []
+                buffer, score_rows = [], []
                 if echo:
                     print(f"recorded {ok + failed}/{len(todo)}: {ok} ok, {failed} failed", flush=True)
             if row is None:
                 break
-    consolidate(cfg.output, [S.image_id(s) for s in sources], cfg.storage_options)
+    manifest = consolidate(cfg.output, [S.image_id(s) for s in sources], cfg.storage_options)
+    if cfg.score is not None:
+        scores = Q.consolidate(cfg.output, manifest, cfg.storage_options)
+        if echo:
+            nan, images = int(scores["value"].isna().sum()), scores["image_id"].nunique()
+            print(f"scores: {len(scores)} values ({scored} new, {nan} failed) of {images} images -> "
+                  f"{join(cfg.output, Q.SCORES_FILE)}", flush=True)
     summary = Summary(inputs=len(sources), skipped=len(sources) - len(todo), ok=ok, failed=failed,
                       seconds=time.perf_counter() - start, parts=parts, pools=pools)
     if echo:

@@ -39,6 +39,11 @@ RTM_IDX = "rtm_idx"  # (K,) int64: RTM entry ids
 X0 = "x0"  # (4, V, V) float32: refined patch
 SECONDS = "seconds"  # float64: Patch-DiT seconds spent on this patch (batch time / batch rows)
 ERROR = "error"  # str: a Patch-DiT failure for this patch, "" when fine
+# With scoring on (``upscale-dataset --score``) the assembler's manifest rows carry two more columns to the
+# scoring pool, which replaces them with one:
+ENCODED = "encoded"  # bytes: the written output file, b"" for error rows
+EVAL = "eval"  # JSON: the image's scoring info, meta["eval"] (image id, dataset, hr, lr)
+IQA = "iqa_scores"  # JSON list: the image's score rows (eval.results.RESULT_SCHEMA), "[]" for error rows
 
 IMAGE_ROW = -1  # patch_index and group of an image row
 
@@ -83,7 +88,8 @@ def image_id(source: str) -> str:
     return hashlib.sha256(source.encode()).hexdigest()[:20]
 
 
-def new_meta(*, source: str, output: str) -> dict[str, Any]:
+def new_meta(*, source: str, output: str, map_uri: str = "", eval_info: dict[str, str] | None = None
+             ) -> dict[str, Any]:
     """The ``meta`` dict an image starts with; stages fill in the rest."""
     return {
         "source": source,
@@ -100,6 +106,8 @@ def new_meta(*, source: str, output: str) -> dict[str, Any]:
         "seconds": dict.fromkeys(STAGES, 0.0),
         "model_version": "",
         "rtm_version": "",
+        "map": map_uri,  # where the GRM stage writes the group map (``--maps``), "" for none
+        "eval": eval_info or {},  # scoring info (``--score``): image_id, dataset, hr, lr
     }
 
 

@@ -10,6 +10,7 @@ reference upscaler, so the pipeline's output equals ``PatchScaler.upscale`` imag
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from dataclasses import replace
@@ -22,10 +23,10 @@ from patchscaler.diffusion import NoiseSchedule
 from patchscaler.model import PatchScalerModel
 from patchscaler.patching import plan_grid
 from patchscaler.pgs import group_plan
-from patchscaler.upscaler import finish, plan_patches, refine, restore, retrieve, texture_prompts
+from patchscaler.upscaler import finish, group_map, plan_patches, refine, restore, retrieve, texture_prompts
 from patchscaler.weights import load_checkpoint, load_rtm
 from pipeline import schema as S
-from pipeline.decode import decode_image, encode_image, to_float, to_uint8, upscale_alpha
+from pipeline.decode import decode_image, encode_group_map, encode_image, to_float, to_uint8, upscale_alpha
 from pipeline.io import read_bytes, write_bytes_atomic
 
 Batch = dict[str, np.ndarray]
@@ -133,11 +134,13 @@ def take(batch: Batch, rows: np.ndarray) -> Batch:
 class GRMStage:
     """Per image: encode + GRM -> (y_HR, C), patches, groups, noise (seeded as the reference does),
     texture retrieval; explodes each image into its image row and one row per patch. The images of one
-    call become one block (see ``build.py``)."""
+    call become one block (see ``build.py``). An image whose ``meta["map"]`` names a file gets its group
+    map written there (``--maps``): one pixel per latent pixel, the group of the nearest patch (Fig. 7)."""
 
     def __init__(self, *, weights: str, rtm: str, device: str, seed: int, mode: str | None,
-                 autoencoder: str | None) -> None:
+                 autoencoder: str | None, storage_options: dict[str, Any]) -> None:
         self.model = load_model(weights, device=device, mode=mode, autoencoder=autoencoder)
+        self.storage_options = storage_options
         self.rtm, manifest = load_rtm(rtm, use_gpu=device.startswith("cuda"))
         self.rtm_version = str(manifest.get("version", ""))
         self.seed = seed
@@ -153,6 +156,9 @@ class GRMStage:
         scores, idx = retrieve(self.model, self.rtm, plan.patches)
         meta.update(latent=[plan.grid.height, plan.grid.width], num_patches=len(plan.patches),
                     groups=[int((plan.groups == g).sum()) for g in range(3)])
+        if meta.get("map"):
+            png = encode_group_map(group_map(plan.groups, plan.grid).numpy())  # (h_lat, w_lat) PNG
+            write_bytes_atomic(meta["map"], png, self.storage_options)
         return {S.Y0: plan.patches.float().numpy(), S.NOISE: plan.noise.float().numpy(),
                 S.SCORES: scores.float().numpy(), S.RTM_IDX: idx.long().numpy(),
                 S.GROUP: plan.groups.long().numpy()}
@@ -289,16 +295,18 @@ class PatchDiTStage:
 
 class AssembleStage:
     """Per image of a block: merge the refined patches (feathered overlaps), decode (tiled when large),
-    recombine alpha, encode, write atomically; returns the images' manifest rows."""
+    recombine alpha, encode, write atomically; returns the images' manifest rows. With ``score`` the rows
+    also carry the written bytes and the scoring info to the scoring pool (``schema.ENCODED``/``EVAL``)."""
 
     def __init__(self, *, weights: str, device: str, autoencoder: str | None, fmt: str, quality: int,
-                 storage_options: dict[str, Any], sampling: str, seed: int) -> None:
+                 storage_options: dict[str, Any], sampling: str, seed: int, score: bool) -> None:
         self.model = load_model(weights, device=device, mode=None, autoencoder=autoencoder)
         self.fmt, self.quality = fmt, quality
         self.storage_options = storage_options
         self.sampling, self.seed = sampling, seed
+        self.score = score
 
-    def _write(self, meta: dict[str, Any], rows: Batch, head: int) -> tuple[tuple[int, int], int]:
+    def _write(self, meta: dict[str, Any], rows: Batch, head: int) -> tuple[tuple[int, int], bytes]:
         patch_rows = np.flatnonzero(rows[S.PATCH_INDEX] != S.IMAGE_ROW)
         patch_rows = patch_rows[np.argsort(rows[S.PATCH_INDEX][patch_rows], kind="stable")]
         found = rows[S.PATCH_INDEX][patch_rows]
@@ -324,25 +332,33 @@ class AssembleStage:
                             icc=bytes(rows[S.ICC][head]), exif=bytes(rows[S.EXIF][head]))
         write_bytes_atomic(meta["output"], data, self.storage_options)
         meta["seconds"]["write"] = time.perf_counter() - start
-        return (rgb.shape[0], rgb.shape[1]), len(data)
+        return (rgb.shape[0], rgb.shape[1]), data
 
-    def _one(self, rows: Batch) -> dict[str, Any]:
+    def _one(self, rows: Batch) -> tuple[dict[str, Any], bytes, str]:
         head = int(np.flatnonzero(rows[S.PATCH_INDEX] == S.IMAGE_ROW)[0])
         meta = S.load_meta(rows[S.META][head])
-        shape, size = (0, 0), 0
+        shape, data = (0, 0), b""
         if meta["status"] == S.STATUS_OK:
             try:
-                shape, size = self._write(meta, rows, head)
+                shape, data = self._write(meta, rows, head)
             except Exception as exc:
                 S.fail(meta, "assemble", exc)
-        return S.manifest_row(meta, image_id_=str(rows[S.IMAGE_ID][head]), sampling=self.sampling,
-                              seed=self.seed, finished_at=time.time(), out_shape=shape, bytes_out=size)
+                data = b""
+        row = S.manifest_row(meta, image_id_=str(rows[S.IMAGE_ID][head]), sampling=self.sampling,
+                             seed=self.seed, finished_at=time.time(), out_shape=shape, bytes_out=len(data))
+        return row, data, json.dumps(meta.get("eval") or {})
 
     def __call__(self, block: Batch) -> Batch:
-        """A block of whole images -> one manifest row per image (``schema.MANIFEST_SCHEMA``)."""
+        """A block of whole images -> one manifest row per image (``schema.MANIFEST_SCHEMA``), plus
+        ``encoded`` and ``eval`` when scoring."""
         ids = block[S.IMAGE_ID]
         heads = np.flatnonzero(block[S.PATCH_INDEX] == S.IMAGE_ROW)
-        rows = [self._one(take(block, np.flatnonzero(ids == ids[h]))) for h in heads]
-        return {f.name: S.object_column([r[f.name] for r in rows]) if f.type == "string"
-                else np.array([r[f.name] for r in rows], dtype=f.type.to_pandas_dtype())
-                for f in S.MANIFEST_SCHEMA}
+        done = [self._one(take(block, np.flatnonzero(ids == ids[h]))) for h in heads]
+        rows = [r for r, _, _ in done]
+        out = {f.name: S.object_column([r[f.name] for r in rows]) if f.type == "string"
+               else np.array([r[f.name] for r in rows], dtype=f.type.to_pandas_dtype())
+               for f in S.MANIFEST_SCHEMA}
+        if self.score:
+            out[S.ENCODED] = S.object_column([d for _, d, _ in done])
+            out[S.EVAL] = S.object_column([e for _, _, e in done])
+        return out

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 
+# Idle OpenMP threads spin by default; with Ray workers beside the tests on 2 cores that costs minutes.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import pytest
 import torch
 

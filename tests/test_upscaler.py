@@ -1,6 +1,5 @@
 import torch
 
-from patchscaler.config import PatchScalerConfig
 from patchscaler.model import PatchScalerModel
 from patchscaler.rtm import ReferenceTextureMemory
 from patchscaler.upscaler import PatchScaler, group_map
@@ -32,19 +31,34 @@ def test_odd_sizes_and_tiny_images(tiny_model, tiny_rtm) -> None:
         assert result.image.shape == (3, 4 * h, 4 * w)
 
 
-def test_uniform_mode_puts_every_patch_on_the_hard_schedule(tiny_model, tiny_rtm) -> None:
+def _with_sampler(source: PatchScalerModel, *, mode: str, conf_bias: float) -> PatchScalerModel:
+    """A copy of ``source`` with the sampler ``mode`` and a confidence head whose weights are zero and
+    bias ``conf_bias``: C = exp(-softplus(bias)) everywhere (-20 -> C ~ 1: every patch is simple)."""
     from dataclasses import replace
 
+    model = PatchScalerModel(config=source.config)
+    model.load_state_dict(source.state_dict())
+    model.config = model.config.replace(sampler=replace(model.config.sampler, mode=mode))
+    with torch.no_grad():
+        model.grm.head_conf.weight.zero_()
+        model.grm.head_conf.bias.fill_(conf_bias)
+    return model.eval()
+
+
+def test_uniform_mode_puts_every_patch_on_the_hard_schedule(tiny_model, tiny_rtm) -> None:
     image = torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(1))
-    model = PatchScalerModel(config=tiny_model.config)
-    model.load_state_dict(tiny_model.state_dict())
-    cfg: PatchScalerConfig = model.config
-    model.config = cfg.replace(sampler=replace(cfg.sampler, mode="uniform"))
-    uniform = _upscale(model, tiny_rtm, image, seed=0)
-    adaptive = _upscale(tiny_model, tiny_rtm, image, seed=0)
+    adaptive = _upscale(_with_sampler(tiny_model, mode="adaptive", conf_bias=-20.0), tiny_rtm, image, seed=0)
+    uniform = _upscale(_with_sampler(tiny_model, mode="uniform", conf_bias=-20.0), tiny_rtm, image, seed=0)
+    n = adaptive.grid.num_patches
+    assert adaptive.group_counts == {"simple": n, "medium": 0, "hard": 0}  # C ~ 1: all simple
+    assert uniform.group_counts == adaptive.group_counts  # groups are PGS's; only the schedule differs
     assert uniform.image.shape == adaptive.image.shape
-    if adaptive.group_counts["hard"] < sum(adaptive.group_counts.values()):
-        assert not torch.equal(uniform.image, adaptive.image)
+    assert not torch.equal(uniform.image, adaptive.image)
+    # uniform runs every patch on the hard schedule (tau=1000, N=20): it equals adaptive sampling of a
+    # model whose confidence (C ~ 0) makes every patch hard; y_HR, patches and noise are unchanged
+    hard = _upscale(_with_sampler(tiny_model, mode="adaptive", conf_bias=20.0), tiny_rtm, image, seed=0)
+    assert hard.group_counts["hard"] == n
+    assert torch.equal(hard.image, uniform.image)
 
 
 def test_group_map_paints_nearest_patch() -> None:

@@ -1,0 +1,90 @@
+"""``patchscaler benchmark --dataset NAME=DIR … --weights … --rtm … --out OUT``: upscale + score + report.
+
+The nightly job. For each evaluation set (any layout of ``eval.datasets``), its LR images go through the
+``upscale-dataset`` pipeline into ``OUT/results/NAME``, scored with the IQA metrics in the same pass (the
+full-reference ones against the set's HR images) and with their group maps written. Then the scores of
+all sets are written under ``OUT`` (``scores.parquet``, ``summary.parquet``), appended to the history
+(``OUT/history.parquet`` or ``--history``) so that nights can be compared, and rendered as the report
+(``OUT/report.html``), as ``patchscaler evaluate`` does. See ``docs/evaluation.md``.
+
+Every image is upscaled again on every run (the run measures the weights it is given); ``--resume``
+continues an interrupted run into the same ``--out``, keeping the images and scores it finished.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from eval.datasets import LAYOUTS
+from eval.metrics import PAPER_METRICS
+from jobs.evaluate import metric_list, parse_dataset
+from jobs.upscale_dataset import add_pipeline_arguments
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset", action="append", type=parse_dataset, required=True, metavar="NAME=DIR",
+                   help="an evaluation set (repeatable); names lsdir*/realsr*/realset* are compared with the "
+                        "paper's Tables 1-2")
+    p.add_argument("--out", required=True,
+                   help="output folder or s3:// prefix: results/NAME/ (images, manifest, scores), tables, "
+                        "report")
+    p.add_argument("--layout", choices=LAYOUTS, default="auto", help="dataset layout (auto: detected)")
+    p.add_argument("--scale", type=int, default=4, help="upscaling factor (RealSR's *_LR<scale> files)")
+    p.add_argument("--metrics", type=metric_list, default=PAPER_METRICS,
+                   help=f"comma-separated (default: {','.join(PAPER_METRICS)}); psnr,ssim,piqe need no "
+                        "weight files")
+    p.add_argument("--history", default=None,
+                   help="history Parquet to append to (default: OUT/history.parquet)")
+    p.add_argument("--run-id", default=None, help="name of this run in the history (default: time + random)")
+    p.add_argument("--examples", type=int, default=2, help="example crops and maps per dataset in the report")
+    add_pipeline_arguments(p)
+    p.set_defaults(overwrite=True)
+    p.add_argument("--resume", dest="overwrite", action="store_false",
+                   help="keep the images (and their scores) that an interrupted run into this --out finished")
+
+
+def run(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from eval.datasets import list_results, load_dataset, match_results
+    from eval.results import RESULT_SCHEMA, conform, new_run_id, read_table
+    from jobs.evaluate import record_run, weights_missing
+    from jobs.upscale_dataset import pipeline_config, score_config, start_ray
+    from pipeline.io import join, normalize_root, storage_options
+    from pipeline.runner import run_pipeline
+    from pipeline.scores import SCORES_FILE
+
+    if weights_missing(args.metrics, args.metric_cache):  # before anything starts
+        return 2
+    options = storage_options(args.s3_endpoint)
+    try:
+        sets = [(name, normalize_root(root),
+                 load_dataset(name, root, layout=args.layout, scale=args.scale, options=options))
+                for name, root in args.dataset]
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    device = start_ray(args)
+    frames, maps, failed = [], {}, 0
+    for name, root, entries in sets:
+        out = join(args.out, "results", name)
+        print(f"== {name}: {len(entries)} images from {root} -> {out}", flush=True)
+        cfg = pipeline_config(args, input=root, output=out, device=device, options=options)
+        cfg.sources, cfg.maps = [e.lr for e in entries], True
+        cfg.score = score_config(args, args.metrics, options)
+        cfg.score.crop_border = args.scale
+        cfg.score_dataset, cfg.score_pairs = name, {e.lr: (e.key, e.hr) for e in entries}
+        failed += run_pipeline(cfg).failed
+        frames.append(read_table(join(out, SCORES_FILE), RESULT_SCHEMA, options))
+        matched, _ = match_results(entries, list_results(out, options))
+        maps.update({(name, e.key): m for e, _, m in matched if m})
+    results = conform(pd.concat(frames, ignore_index=True), RESULT_SCHEMA)
+    run_id = args.run_id or new_run_id(time.time())
+    summary = record_run(results, out=args.out, history=args.history, run_id=run_id, maps=maps,
+                         examples=args.examples, report=True, options=options)
+    bad_values = int(summary["failed"].sum()) if not summary.empty else 0
+    print(f"run {run_id}: {results['image_id'].nunique()} images scored, {failed} failed images, "
+          f"{bad_values} failed values")
+    return 1 if failed or bad_values else 0
