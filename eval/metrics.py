@@ -8,9 +8,10 @@ what it downloads, so a cache filled once on a machine with network can be copie
 - ``clip/<file>``: OpenAI CLIP models (CLIP-IQA).
 
 The folder is ``--metric-cache``, else ``$PATCHSCALER_IQA_CACHE``, else torch hub's folder. Every file a
-metric needs is checked **before** pyiqa runs; a missing one is a :class:`MissingWeightsError` naming the
-files, the folder and where to get them (``docs/evaluation.md``). While a metric is built, pyiqa's and torch
-hub's download functions are replaced by one that raises, so nothing is ever fetched at run time.
+metric needs is checked **before** pyiqa runs; a missing one (or one whose SHA-256 is not that of
+:data:`FILE_SHA256`) is a :class:`MissingWeightsError` naming the files, the folder and where to get them
+(``docs/evaluation.md``). While a metric is built, pyiqa's and torch hub's download functions are replaced
+by one that raises, so nothing is ever fetched at run time.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import importlib
 import math
 import os
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -81,6 +83,10 @@ METRICS: dict[str, MetricSpec] = {s.name: s for s in (
 )}
 PAPER_METRICS = ("psnr", "ssim", "lpips", "maniqa-pipal", "clipiqa", "musiq")
 OFFLINE_METRICS = ("psnr", "ssim", "piqe")  # need no weight files
+# The SHA-256 a cache file must have (path inside the cache -> hex digest), checked with the other files
+# before anything starts and again when CLIP loads: OpenAI's CLIP files carry theirs in their URL, and
+# pyiqa's loader would download a file that does not match. (Tests register the digest of their random file.)
+FILE_SHA256: dict[str, str] = {"clip/RN50.pt": _CLIP_RN50_SHA}
 
 
 class MissingWeightsError(FileNotFoundError):
@@ -129,9 +135,41 @@ def missing_files(names: Sequence[str], cache_dir: str) -> dict[str, list[tuple[
     return out
 
 
+_DIGESTS: dict[tuple[str, int, int], str] = {}  # (path, size, mtime) -> SHA-256: each file is hashed once
+
+
+def file_sha256(path: str) -> str:
+    """The hex SHA-256 of a file, read in chunks and remembered while the file is unchanged."""
+    stat = os.stat(path)
+    key = (os.path.abspath(path), stat.st_size, stat.st_mtime_ns)
+    if key not in _DIGESTS:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+        _DIGESTS[key] = digest.hexdigest()
+    return _DIGESTS[key]
+
+
+def _wrong_hash_message(path: str, digest: str, expected: str, url: str) -> str:
+    return f"{path} has SHA-256 {digest}, expected {expected}; replace it with the file from {url}"
+
+
+def wrong_hashes(names: Sequence[str], cache_dir: str) -> list[str]:
+    """One message per present file of ``names`` whose SHA-256 is not the one in :data:`FILE_SHA256`."""
+    out = []
+    for name in names:
+        for rel, url in get_spec(name).files:
+            path, expected = os.path.join(cache_dir, rel), FILE_SHA256.get(rel)
+            if expected and os.path.isfile(path) and (digest := file_sha256(path)) != expected:
+                out.append(f"  {name}: " + _wrong_hash_message(path, digest, expected, url))
+    return out
+
+
 def check_weights(names: Sequence[str], cache_dir: str) -> None:
-    """Raise :class:`MissingWeightsError` naming every absent file of every metric in ``names``, and
-    :class:`MissingDependencyError` when a metric's Python module does not import."""
+    """Raise :class:`MissingWeightsError` naming every absent file of every metric in ``names`` (or, when
+    all are there, every file with the wrong SHA-256), and :class:`MissingDependencyError` when a metric's
+    Python module does not import."""
     absent = missing_files(names, cache_dir)
     if absent:
         lines = [f"metric weights missing from the metric cache {cache_dir}:"]
@@ -142,10 +180,16 @@ def check_weights(names: Sequence[str], cache_dir: str) -> None:
                      "torch hub's: pyiqa/, checkpoints/, clip/; see docs/evaluation.md), or leave these "
                      f"metrics out (--metrics {','.join(OFFLINE_METRICS)} needs no weights).")
         raise MissingWeightsError("\n".join(lines))
+    wrong = wrong_hashes(names, cache_dir)
+    if wrong:
+        raise MissingWeightsError("\n".join([f"wrong metric weights in the metric cache {cache_dir}:",
+                                             *wrong]))
     for name in names:
         for module in get_spec(name).modules:
             try:
-                importlib.import_module(module)
+                with warnings.catch_warnings():  # `clip` warns that pkg_resources is deprecated
+                    warnings.filterwarnings("ignore", "pkg_resources is deprecated", UserWarning)
+                    importlib.import_module(module)
             except ImportError as exc:
                 raise MissingDependencyError(
                     f"metric {name!r} needs the Python module {module!r}, which does not import: {exc}. "
@@ -153,16 +197,18 @@ def check_weights(names: Sequence[str], cache_dir: str) -> None:
 
 
 def _local_clip_download(cache_dir: str) -> Callable[[str, str], str]:
-    """A stand-in for ``pyiqa.archs.clip_model._download`` that only reads the cache (hash checked)."""
+    """A stand-in for ``pyiqa.archs.clip_model._download`` that only reads the cache: the file must have
+    the SHA-256 of :data:`FILE_SHA256`, else the one in its URL (as pyiqa's own check)."""
 
     def download(url: str, root: str) -> str:
-        path = os.path.join(cache_dir, "clip", os.path.basename(url))
-        expected = url.split("/")[-2]
-        with open(path, "rb") as f:
-            digest = hashlib.sha256(f.read()).hexdigest()
+        rel = "clip/" + os.path.basename(url)
+        path = os.path.join(cache_dir, rel)
+        if not os.path.isfile(path):
+            raise MissingWeightsError(f"{path} is missing from the metric cache; download it from {url}")
+        expected = FILE_SHA256.get(rel, url.split("/")[-2])
+        digest = file_sha256(path)
         if digest != expected:
-            raise MissingWeightsError(f"{path} has SHA256 {digest}, expected {expected}; replace it with "
-                                      f"the file from {url}")
+            raise MissingWeightsError(_wrong_hash_message(path, digest, expected, url))
         return path
     return download
 

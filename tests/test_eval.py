@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+import eval.metrics as metrics_module
 import jobs.evaluate as evaluate_job
 from eval.datasets import (
     bicubic_degrade,
@@ -26,7 +27,7 @@ from eval.datasets import (
     match_results,
     save_png,
 )
-from eval.metrics import CACHE_ENV, METRICS, MetricScorer, MissingWeightsError, resolve_cache_dir
+from eval.metrics import CACHE_ENV, METRICS, MetricScorer, MissingWeightsError, file_sha256, resolve_cache_dir
 from eval.results import HISTORY_SCHEMA, RESULT_SCHEMA, SUMMARY_SCHEMA
 
 
@@ -180,6 +181,107 @@ def test_learned_metrics_load_random_weights_offline(tmp_path: Path, monkeypatch
     scorer.specs = [METRICS["musiq"]]
     (value,) = scorer.score(smooth_image(torch.Generator().manual_seed(2), 32, 32))
     assert value.metric == "musiq" and value.error == "" and math.isfinite(value.value)
+
+
+def _save_torchscript(state: dict[str, torch.Tensor], path: Path) -> None:
+    """Save ``state`` as a TorchScript archive, as OpenAI's CLIP files are (pyiqa's CLIP loader reads the
+    ``state_dict()`` of ``torch.jit.load``), with the tensors under the same dotted names."""
+    holder = torch.nn.Module()
+    for key, value in state.items():
+        *parents, leaf = key.split(".")
+        module = holder
+        for name in parents:
+            if name not in module._modules:
+                module.add_module(name, torch.nn.Module())
+            module = module._modules[name]
+        module.register_buffer(leaf, value.clone())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.jit.save(torch.jit.script(holder), str(path))
+
+
+def _tiny_clip_state() -> dict[str, torch.Tensor]:
+    """A randomly initialised CLIP laid out as the RN50 file (ModifiedResNet + text transformer, conv/linear
+    weights in fp16) but tiny (14 MB instead of 244 MB): pyiqa's loader reads the architecture off the shapes.
+    The vocabulary and context length are CLIP's, as the tokenizer needs them."""
+    from pyiqa.archs.clip_model import CLIP, convert_weights
+
+    model = CLIP(embed_dim=32, image_resolution=224, vision_layers=(1, 1, 1, 1), vision_width=8,
+                 vision_patch_size=None, context_length=77, vocab_size=49408, transformer_width=64,
+                 transformer_heads=1, transformer_layers=1)
+    convert_weights(model)
+    return model.state_dict()
+
+
+def test_clipiqa_loads_random_weights_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """CLIP-IQA loads clip/RN50.pt from the cache, its SHA-256 checked against the expected digest (here the
+    random file's, registered for the test), with the network blocked, and scores."""
+    torch.manual_seed(321)
+    clip_state = _tiny_clip_state()
+    (rel, _url), = METRICS["clipiqa"].files
+    _save_torchscript(clip_state, tmp_path / rel)
+    monkeypatch.setitem(metrics_module.FILE_SHA256, rel, file_sha256(str(tmp_path / rel)))
+    _block_network(monkeypatch)
+    scorer = MetricScorer(metrics=["clipiqa"], cache_dir=str(tmp_path))
+    loaded = scorer.models["clipiqa"].net.clip_model[0].state_dict()
+    assert set(loaded) == set(clip_state)
+    assert all(torch.equal(loaded[k].cpu(), v.float() if v.is_floating_point() else v)  # fp16 -> fp32 on CPU
+               for k, v in clip_state.items())
+    (value,) = scorer.score(smooth_image(torch.Generator().manual_seed(3), 32, 32))
+    assert value.metric == "clipiqa" and value.error == "" and 0.0 <= value.value <= 1.0
+
+
+def test_clip_weights_with_the_wrong_hash_are_refused(tmp_path: Path) -> None:
+    """A clip/RN50.pt that is not OpenAI's file stops the job before it starts, naming file, digests, URL;
+    the loader pyiqa calls checks it again."""
+    (rel, url), = METRICS["clipiqa"].files
+    (tmp_path / "clip").mkdir()
+    (tmp_path / rel).write_bytes(b"not the RN50 weights")
+    wrong = file_sha256(str(tmp_path / rel))
+    with pytest.raises(MissingWeightsError) as info:
+        MetricScorer(metrics=["psnr", "clipiqa"], cache_dir=str(tmp_path))
+    text = str(info.value)
+    assert str(tmp_path / rel) in text and wrong in text and metrics_module.FILE_SHA256[rel] in text
+    assert url in text
+    with pytest.raises(MissingWeightsError, match=wrong):
+        metrics_module._local_clip_download(str(tmp_path))(url, str(tmp_path / "elsewhere"))
+    args = _job_args(["--results", str(tmp_path), "--out", str(tmp_path / "out"), "--metrics", "clipiqa",
+                      "--metric-cache", str(tmp_path)])
+    assert evaluate_job.run(args) == 2 and not (tmp_path / "out").exists()
+
+
+def test_lpips_loads_random_weights_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """LPIPS loads both of its files from the cache with the network blocked: pyiqa's linear layers
+    (pyiqa/LPIPS_v0.1_alex-*.pth) and torchvision's AlexNet (checkpoints/alexnet-owt-*.pth)."""
+    import torchvision
+    from pyiqa.archs.lpips_arch import NetLinLayer
+
+    torch.manual_seed(456)
+    alex = torchvision.models.alexnet(weights=None).state_dict()
+    # LPIPS uses AlexNet's convolutions only; its classifier (58M of 61M parameters) must be in the file for
+    # torchvision's strict load, so it is stored as one random row broadcast to the full shape (a few kB).
+    for key in [k for k in alex if k.startswith("classifier.")]:
+        alex[key] = torch.randn(alex[key].shape[-1:]).expand(alex[key].shape)
+    lins = {f"lin{i}.{k}": torch.rand_like(v)  # LPIPS' weights are >= 0
+            for i, ch in enumerate((64, 192, 384, 256, 256))
+            for k, v in NetLinLayer(ch, use_dropout=True).state_dict().items()}
+    (lin_rel, _), (alex_rel, _) = METRICS["lpips"].files
+    for rel, state in ((lin_rel, lins), (alex_rel, alex)):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        torch.save(state, tmp_path / rel)
+    assert (tmp_path / alex_rel).stat().st_size < 20e6
+    _block_network(monkeypatch)
+    scorer = MetricScorer(metrics=["lpips"], cache_dir=str(tmp_path))
+    net = scorer.models["lpips"].net
+    assert all(torch.equal(net.get_parameter(k), v) for k, v in lins.items())
+    backbone = net.net.state_dict()  # slice<n>.<i>.<param> holds AlexNet's features.<i>.<param>
+    assert len(backbone) == 10
+    assert all(torch.equal(v, alex["features." + k.split(".", 1)[1]]) for k, v in backbone.items())
+    g = torch.Generator().manual_seed(4)
+    hr = smooth_image(g, 32, 32)
+    sr = (hr + 0.1 * torch.randn(hr.shape, generator=g)).clamp(0, 1)
+    (same,), (value,) = scorer.score(hr, hr), scorer.score(sr, hr)
+    assert same.value == pytest.approx(0.0, abs=1e-6) and value.error == ""
+    assert math.isfinite(value.value) and value.value > 0.0
 
 
 def test_score_stage_rows_from_bytes_and_paths(ray_session, tmp_path: Path) -> None:
