@@ -40,8 +40,10 @@ if TYPE_CHECKING:
     from eval.score import ScoreConfig
 
 GROUP_KEYS = ("simple", "medium", "hard")
-# Every actor pool restarts dead actors and retries their tasks for as long as it takes.
-FAULT_TOLERANCE: dict[str, Any] = {"max_restarts": -1, "max_task_retries": -1}
+# Fault tolerance: Ray Data's actor pools restart dead actors and retry their tasks without limit by
+# default (``max_restarts=-1, max_task_retries=-1`` in ``ActorPoolMapOperator``; Ray 2.60). They are not
+# passed again here: extra remote args are deprecated in Ray Data and go away in Ray 2.64.
+# tests/test_pipeline_faults.py kills a Patch-DiT actor mid-job and checks that the job still succeeds.
 
 
 @dataclass
@@ -138,8 +140,7 @@ def pipeline_dataset(cfg: PipelineConfig, items: list[dict[str, str]], sizes: di
     Build it inside ``unsplit_blocks()``."""
     dit = [(None, total_dit_actors(cfg))] if cfg.fused else list(sizes.items())
     scorers = cfg.score.actors if cfg.score is not None else 0
-    res = {**actor_resources(cfg, cfg.grm_actors + cfg.assemble_actors + sum(n for _, n in dit) + scorers),
-           **FAULT_TOLERANCE}
+    res = actor_resources(cfg, cfg.grm_actors + cfg.assemble_actors + sum(n for _, n in dit) + scorers)
     model_args = {"weights": cfg.weights, "device": cfg.device, "autoencoder": cfg.autoencoder}
     tasks = max(1, min(cfg.decode_tasks, len(items)))
     ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
@@ -179,7 +180,7 @@ def with_scoring(ds: Dataset, cfg: PipelineConfig, res: dict[str, Any]) -> Datas
     device = sc.device if sc.device != "auto" else ("cuda" if gpus > 0 else "cpu")
     return ds.map_batches(
         PipelineScoreStage, batch_size=sc.batch_size, batch_format="numpy", concurrency=sc.actors,
-        num_cpus=sc.cpus_per_actor or res["num_cpus"], num_gpus=gpus, **FAULT_TOLERANCE,
+        num_cpus=sc.cpus_per_actor or res["num_cpus"], num_gpus=gpus,
         fn_constructor_kwargs={"metrics": tuple(sc.metrics), "cache_dir": resolve_cache_dir(sc.cache_dir),
                                "device": device, "seed": sc.seed, "crop_border": sc.crop_border,
                                "storage_options": cfg.storage_options},
