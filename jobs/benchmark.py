@@ -17,9 +17,7 @@ import argparse
 import sys
 import time
 
-from eval.datasets import LAYOUTS
-from eval.metrics import PAPER_METRICS
-from jobs.evaluate import metric_list, parse_dataset
+from jobs.evaluate import add_dataset_arguments, parse_dataset
 from jobs.upscale_dataset import add_pipeline_arguments
 
 
@@ -30,11 +28,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True,
                    help="output folder or s3:// prefix: results/NAME/ (images, manifest, scores), tables, "
                         "report")
-    p.add_argument("--layout", choices=LAYOUTS, default="auto", help="dataset layout (auto: detected)")
-    p.add_argument("--scale", type=int, default=4, help="upscaling factor (RealSR's *_LR<scale> files)")
-    p.add_argument("--metrics", type=metric_list, default=PAPER_METRICS,
-                   help=f"comma-separated (default: {','.join(PAPER_METRICS)}); psnr,ssim,piqe need no "
-                        "weight files")
+    add_dataset_arguments(p)
     p.add_argument("--history", default=None,
                    help="history Parquet to append to (default: OUT/history.parquet)")
     p.add_argument("--run-id", default=None, help="name of this run in the history (default: time + random)")

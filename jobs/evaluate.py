@@ -32,17 +32,22 @@ def metric_list(text: str) -> tuple[str, ...]:
         raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
+def add_dataset_arguments(p: argparse.ArgumentParser) -> None:
+    """Dataset layout, scale and metrics: shared by ``evaluate`` and ``benchmark``."""
+    p.add_argument("--layout", choices=LAYOUTS, default="auto", help="dataset layout (auto: detected)")
+    p.add_argument("--scale", type=int, default=4, help="upscaling factor (RealSR's *_LR<scale> files)")
+    p.add_argument("--metrics", type=metric_list, default=PAPER_METRICS,
+                   help=f"comma-separated (default: {','.join(PAPER_METRICS)}); psnr,ssim,piqe need no "
+                        "weight files")
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--results", required=True,
                    help="upscaled images: folder or s3:// prefix (RESULTS/NAME per dataset when several)")
     p.add_argument("--dataset", action="append", type=parse_dataset, default=[], metavar="NAME=DIR",
                    help="an evaluation set (repeatable); names lsdir*/realsr*/realset* are compared with the "
                         "paper; without any, every result image is scored alone (no-reference metrics)")
-    p.add_argument("--layout", choices=LAYOUTS, default="auto", help="dataset layout (auto: detected)")
-    p.add_argument("--scale", type=int, default=4, help="upscaling factor (RealSR's *_LR<scale> files)")
-    p.add_argument("--metrics", type=metric_list, default=PAPER_METRICS,
-                   help=f"comma-separated (default: {','.join(PAPER_METRICS)}); psnr,ssim,piqe need no "
-                        "weight files")
+    add_dataset_arguments(p)
     p.add_argument("--out", required=True, help="output folder or s3:// prefix (tables, report)")
     p.add_argument("--metric-cache", default=None,
                    help="folder of metric weights (default: $PATCHSCALER_IQA_CACHE, else torch hub's folder)")
