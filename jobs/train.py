@@ -42,12 +42,20 @@ def add_arguments(p: argparse.ArgumentParser, task: str) -> None:
     p.add_argument("--max-grad-norm", type=float, default=d["max_grad_norm"])
     if task in ("grm", "patchdit"):
         p.add_argument("--degradation", choices=["realesrgan", "bicubic"], default=d["degradation"])
+    if task == "grm":
+        p.add_argument("--val-data", action="append", default=[],
+                       help="validation HR images (never trained on) on which gamma1/gamma2 of PGS are "
+                            "calibrated at every checkpoint (repeatable)")
+        p.add_argument("--group-shares", type=_shares, default=d["group_shares"],
+                       help="target simple,medium,hard shares of the calibration, e.g. 0.34,0.33,0.33")
     if task == "autoencoder":
         p.add_argument("--kl-weight", type=float, default=d["kl_weight"])
         p.add_argument("--no-calibrate-scale", dest="calibrate_scale", action="store_false",
                        help="keep the config's latent scaling_factor instead of 1/std(latents)")
     if task == "patchdit":
         p.add_argument("--rtm", required=True, help="RTM artifact dir or s3:// prefix")
+        p.add_argument("--t-sampling", choices=["uniform", "sampler"], default=d["t_sampling"],
+                       help="uniform: t ~ U{1..T} (the paper); sampler: only the time steps PGS uses")
     p.add_argument("--num-workers", type=int, default=1, help="Ray Train workers (DDP), one GPU each")
     p.add_argument("--gpu", choices=["auto", "yes", "no"], default="auto",
                    help="auto: use GPUs when the Ray cluster has them")
@@ -57,9 +65,22 @@ def add_arguments(p: argparse.ArgumentParser, task: str) -> None:
     p.add_argument("--address", default=None, help="Ray cluster address (default: start a local Ray)")
 
 
+def _shares(text: str) -> tuple[float, float, float]:
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 3 or min(values) < 0 or abs(sum(values) - 1) > 1e-3:
+        raise argparse.ArgumentTypeError(
+            f"expected three fractions summing to 1, e.g. 0.4,0.3,0.3; got {text!r}")
+    return values  # type: ignore[return-value]
+
+
 def config_from_args(args: argparse.Namespace, task: str) -> TrainConfig:
     fields = set(TrainConfig.__dataclass_fields__) - {"task", "data", "use_gpu"}
     values = {k: getattr(args, k) for k in fields if hasattr(args, k)}
+    if "val_data" in values:
+        values["val_data"] = tuple(values["val_data"])
     use_gpu = {"auto": None, "yes": True, "no": False}[args.gpu]
     return TrainConfig(task=task, data=tuple(args.data), use_gpu=use_gpu, **values)
 

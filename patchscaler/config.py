@@ -94,10 +94,15 @@ class SamplerConfig:
     """Diffusion schedule and Patch-adaptive Group Sampling (Eq. 2-7)."""
 
     num_train_timesteps: int = 1000
-    # "linear" is DDPM/DiT's beta schedule; "scaled_linear" is Stable Diffusion's.
-    beta_schedule: str = "linear"
-    beta_start: float = 1e-4
-    beta_end: float = 0.02
+    # "scaled_linear" is Stable Diffusion's beta schedule (the latent space PatchScaler works in): sqrt(abar)
+    # at tau = 400/700/1000 is 0.65/0.29/0.07, so every group starts with a share of y0. DDPM/DiT's
+    # "linear" (1e-4..0.02) gives 0.44/0.08/0.006: the medium group would start from almost pure noise
+    # (docs/model.md). Checkpoints store their own schedule in config.json.
+    beta_schedule: str = "scaled_linear"
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    # What Patch-DiT outputs: "epsilon" (the paper's Eq. 9), "v_prediction" or "sample" (diffusion.py).
+    prediction_type: str = "epsilon"
     # Eq. (2): simple if mean C > gamma1, medium if gamma2 < mean C <= gamma1, hard otherwise.
     gamma1: float = 0.95
     gamma2: float = 0.75

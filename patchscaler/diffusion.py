@@ -18,6 +18,9 @@ import torch
 from patchscaler.config import SamplerConfig
 
 Timestep = int | torch.Tensor  # an int, or a (B,) long tensor: one time step per sample
+# What the denoiser outputs (diffusers' names): the noise (the paper's Eq. 9), v = sqrt(abar) eps -
+# sqrt(1 - abar) x0, or the clean sample x0 itself.
+PREDICTION_TYPES: tuple[str, ...] = ("epsilon", "v_prediction", "sample")
 
 
 def make_betas(name: str, beta_start: float, beta_end: float, num_train_timesteps: int) -> torch.Tensor:
@@ -46,6 +49,10 @@ class NoiseSchedule:
     def __init__(self, *, config: SamplerConfig) -> None:
         self.config = config
         self.num_train_timesteps = config.num_train_timesteps
+        if config.prediction_type not in PREDICTION_TYPES:
+            raise ValueError(
+                f"unknown prediction_type {config.prediction_type!r}; choose one of {PREDICTION_TYPES}")
+        self.prediction_type = config.prediction_type
         self.betas = make_betas(
             config.beta_schedule, config.beta_start, config.beta_end, config.num_train_timesteps
         )  # (T,): betas[t - 1] is beta_t
@@ -107,28 +114,63 @@ class NoiseSchedule:
             raise ValueError(f"the number of steps must lie in 1..tau = {tau}, got {n}")
         return [tau - (2 * k * tau + n) // (2 * n) for k in range(n)]
 
-    def predict_x0(self, eps: torch.Tensor, t: Timestep, x_t: torch.Tensor) -> torch.Tensor:
-        """Invert Eq. (4) with the predicted noise: x0_hat = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)."""
-        abar = self._abar(t, x_t)
-        inv = self._cast(abar**-0.5, x_t)  # 1 / sqrt(abar_t)
-        s = self._cast(((1.0 - abar) / abar) ** 0.5, x_t)  # sqrt(1 - abar_t) / sqrt(abar_t)
-        return inv * x_t - s * eps
+    def predict_x0(self, model_output: torch.Tensor, t: Timestep, x_t: torch.Tensor) -> torch.Tensor:
+        """The clean-sample estimate x0_hat that the network output implies at x_t (inverting Eq. 4):
 
-    def ddim_step(self, eps: torch.Tensor, t: Timestep, t_prev: Timestep, x_t: torch.Tensor) -> torch.Tensor:
+            epsilon:       x0_hat = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)
+            v_prediction:  x0_hat = sqrt(abar_t) x_t - sqrt(1 - abar_t) v
+            sample:        x0_hat = the output itself"""
+        c_x, c_out = self._x0_coefficients(t, x_t)
+        return self._cast(c_x, x_t) * x_t + self._cast(c_out, x_t) * model_output
+
+    def _x0_coefficients(self, t: Timestep, x_t: torch.Tensor) -> tuple[float | torch.Tensor, ...]:
+        """(c_x, c_out) in float64 with x0_hat = c_x x_t + c_out output, for the prediction type."""
+        abar = self._abar(t, x_t)
+        kind = self.prediction_type
+        if kind == "epsilon":
+            return abar**-0.5, -(((1.0 - abar) / abar) ** 0.5)
+        if kind == "v_prediction":
+            return abar**0.5, -((1.0 - abar) ** 0.5)
+        return 0.0 * abar, 1.0 + 0.0 * abar  # sample
+
+    def training_target(self, x0: torch.Tensor, noise: torch.Tensor, t: Timestep) -> torch.Tensor:
+        """What the network learns to output for x_t = q_sample(x0, t, noise) (Eq. 9 for epsilon):
+        ``noise`` (epsilon), ``sqrt(abar_t) noise - sqrt(1 - abar_t) x0`` (v_prediction, Salimans & Ho
+        2022) or ``x0`` (sample)."""
+        if self.prediction_type == "epsilon":
+            return noise
+        if self.prediction_type == "sample":
+            return x0
+        abar = self._abar(t, x0)
+        return self._cast(abar**0.5, x0) * noise - self._cast((1.0 - abar) ** 0.5, x0) * x0
+
+    def ddim_step(self, model_output: torch.Tensor, t: Timestep, t_prev: Timestep, x_t: torch.Tensor
+                  ) -> torch.Tensor:
         """One deterministic DDIM step (eta = 0) from t to t_prev < t:
 
-            x0_hat = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)
-            x_prev = sqrt(abar_prev) x0_hat + sqrt(1 - abar_prev) eps
+            x0_hat  = the clean estimate of the output (``predict_x0``)
+            eps_hat = (x_t - sqrt(abar_t) x0_hat) / sqrt(1 - abar_t)
+            x_prev  = sqrt(abar_prev) x0_hat + sqrt(1 - abar_prev) eps_hat
 
-        written as ``x_prev = c_x x_t + c_eps eps`` with the two coefficients computed in float64, so a
-        sample sees one rounding per term. ``t_prev = 0`` (abar_0 = 1) returns x0_hat. t and t_prev are
-        ints or per-sample (B,) long tensors."""
-        if eps.shape != x_t.shape:
-            raise ValueError(f"eps {tuple(eps.shape)} does not match x_t {tuple(x_t.shape)}")
+        Both estimates are linear in (x_t, output), so this is ``x_prev = c_x x_t + c_out output`` with
+        the two coefficients computed in float64 and a sample seeing one rounding per term. For epsilon:
+        c_x = sqrt(abar_prev / abar_t), c_out = sqrt(1 - abar_prev) - c_x sqrt(1 - abar_t).
+        ``t_prev = 0`` (abar_0 = 1) returns x0_hat. t and t_prev are ints or per-sample (B,) tensors."""
+        if model_output.shape != x_t.shape:
+            raise ValueError(
+                f"model output {tuple(model_output.shape)} does not match x_t {tuple(x_t.shape)}")
         if isinstance(t, int) and isinstance(t_prev, int) and not 0 <= t_prev < t:
             raise ValueError(f"a DDIM step needs 0 <= t_prev < t, got t = {t}, t_prev = {t_prev}")
         abar = self._abar(t, x_t)
         abar_prev = self._abar(t_prev, x_t, "t_prev")
-        c_x = (abar_prev / abar) ** 0.5  # sqrt(abar_prev) / sqrt(abar_t)
-        c_eps = (1.0 - abar_prev) ** 0.5 - c_x * (1.0 - abar) ** 0.5
-        return self._cast(c_x, x_t) * x_t + self._cast(c_eps, x_t) * eps
+        if self.prediction_type == "epsilon":  # the classic form, no detour through x0_hat
+            c_x = (abar_prev / abar) ** 0.5  # sqrt(abar_prev) / sqrt(abar_t)
+            c_out = (1.0 - abar_prev) ** 0.5 - c_x * (1.0 - abar) ** 0.5
+        else:
+            a_x, a_out = self._x0_coefficients(t, x_t)  # x0_hat = a_x x_t + a_out out
+            # eps_hat = (x_t - sqrt(abar) x0_hat) / sqrt(1 - abar); abar_t < 1 for every t >= 1
+            s = (1.0 - abar) ** -0.5
+            e_x, e_out = s * (1.0 - abar**0.5 * a_x), -s * abar**0.5 * a_out
+            c_x = abar_prev**0.5 * a_x + (1.0 - abar_prev) ** 0.5 * e_x
+            c_out = abar_prev**0.5 * a_out + (1.0 - abar_prev) ** 0.5 * e_out
+        return self._cast(c_x, x_t) * x_t + self._cast(c_out, x_t) * model_output

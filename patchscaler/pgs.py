@@ -22,7 +22,8 @@ from patchscaler.diffusion import NoiseSchedule
 
 GROUP_NAMES: tuple[str, str, str] = ("simple", "medium", "hard")
 
-# denoise(x_t (b, 4, V, V), t (b,) float, idx (b,) long patch indices) -> predicted eps (b, 4, V, V)
+# denoise(x_t (b, C, V, V), t (b,) float, idx (b,) long patch indices) -> the network's output (b, C, V, V):
+# the predicted noise, v or x0, by the schedule's ``prediction_type``
 Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -107,8 +108,8 @@ def sample_group(
     for i, t in enumerate(times):
         t_prev = times[i + 1] if i + 1 < len(times) else 0
         t_batch = torch.full((x.shape[0],), float(t), device=x.device)  # (b,) float32
-        eps = denoise(x, t_batch, idx)  # (b, 4, V, V)
-        x = schedule.ddim_step(eps, t, t_prev, x)  # x_{t_prev}; at t_prev = 0 the clean estimate
+        out = denoise(x, t_batch, idx)  # (b, C, V, V)
+        x = schedule.ddim_step(out, t, t_prev, x)  # x_{t_prev}; at t_prev = 0 the clean estimate
     return x
 
 

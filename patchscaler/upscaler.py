@@ -33,7 +33,7 @@ class PatchPlan:
     patches: torch.Tensor  # (M, 4, V, V) y0 per patch
     mean_conf: torch.Tensor  # (M,)
     groups: torch.Tensor  # (M,) 0 simple, 1 medium, 2 hard
-    noise: torch.Tensor  # (M, 4, V, V) the epsilon of Eq. 7, drawn in patch order
+    noise: torch.Tensor  # (M, 4, V, V) the epsilon of Eq. 7: one draw over the latent, cut into patches
 
 
 @dataclass
@@ -72,7 +72,11 @@ def plan_patches(
     patches = split_patches(y_hr, grid)  # (M, 4, V, V)
     mean_conf = patch_means(confidence, grid)  # (M,)
     groups = assign_groups(mean_conf, cfg.gamma1, cfg.gamma2)  # (M,)
-    noise = torch.randn(patches.shape, generator=generator, dtype=patches.dtype)  # (M, 4, V, V)
+    # The noise of Eq. 7 is drawn once for the whole latent and cut like y_HR, so overlapping patches
+    # start from the same noise where they overlap: the merge then blends near-identical samples instead
+    # of averaging 2-4 independently generated textures.
+    full = torch.randn(y_hr.shape, generator=generator, dtype=y_hr.dtype)  # (C, h, w)
+    noise = split_patches(full, grid)  # (M, C, V, V)
     return PatchPlan(y_hr, confidence, grid, patches, mean_conf, groups, noise)
 
 

@@ -12,10 +12,12 @@ import torch
 from patchscaler.config import SamplerConfig
 from patchscaler.diffusion import NoiseSchedule, make_betas
 
+LINEAR = SamplerConfig(beta_schedule="linear", beta_start=1e-4, beta_end=0.02)
+
 
 @pytest.fixture(scope="module")
 def schedule() -> NoiseSchedule:
-    return NoiseSchedule(config=SamplerConfig())
+    return NoiseSchedule(config=LINEAR)
 
 
 def oracle_eps(schedule: NoiseSchedule, x0: torch.Tensor, x_t: torch.Tensor, t: int) -> torch.Tensor:
@@ -39,15 +41,16 @@ def test_linear_schedule_matches_hand_derived_values(schedule: NoiseSchedule) ->
     assert 0.0 < ac[-1].item() < 1e-4
 
 
-def test_scaled_linear_endpoints_and_unknown_name() -> None:
-    cfg = dataclasses.replace(SamplerConfig(), beta_schedule="scaled_linear", beta_start=0.00085,
-                              beta_end=0.012)
-    sched = NoiseSchedule(config=cfg)
+def test_scaled_linear_is_the_default_with_sd_endpoints_and_unknown_name() -> None:
+    sched = NoiseSchedule(config=SamplerConfig())
     assert sched.betas[0].item() == pytest.approx(0.00085, rel=1e-12)
     assert sched.betas[-1].item() == pytest.approx(0.012, rel=1e-12)
     mid = ((0.00085**0.5 + 0.012**0.5) / 2) ** 2  # linear in sqrt(beta): the middle of an odd count
     assert make_betas("scaled_linear", 0.00085, 0.012, 5)[2].item() == pytest.approx(mid, rel=1e-12)
     assert sched.alphas_cumprod[0].item() == 1.0
+    # every PGS group starts with a real share of y0 (docs/model.md): sqrt(abar) at 400/700/1000
+    roots = [round(sched.alphas_cumprod[t].item() ** 0.5, 2) for t in (400, 700, 1000)]
+    assert roots == [0.65, 0.29, 0.07]
     with pytest.raises(ValueError, match="beta_schedule"):
         NoiseSchedule(config=dataclasses.replace(SamplerConfig(), beta_schedule="cosine"))
 
@@ -129,7 +132,7 @@ def test_ddim_step_formula_and_per_sample_times(schedule: NoiseSchedule) -> None
 
 def test_lookups_follow_a_replaced_table() -> None:
     """A trainer replaces ``alphas_cumprod`` by a copy on its device; lookups must read the new table."""
-    sched = NoiseSchedule(config=SamplerConfig())
+    sched = NoiseSchedule(config=LINEAR)
     table = sched.alphas_cumprod.clone()
     table[20] = 0.25
     sched.alphas_cumprod = table
@@ -137,3 +140,44 @@ def test_lookups_follow_a_replaced_table() -> None:
     out = sched.q_sample(x0, torch.tensor([10, 20]), noise)
     assert torch.allclose(out[1], torch.full((4, 4, 4), 0.5 + 2 * 0.75**0.5))
     assert torch.allclose(sched.q_sample(x0, 20, noise), torch.full((2, 4, 4, 4), 0.5 + 2 * 0.75**0.5))
+
+
+def oracle_output(schedule: NoiseSchedule, x0: torch.Tensor, x_t: torch.Tensor, t: int) -> torch.Tensor:
+    """What a perfect network of the schedule's prediction type outputs at (x_t, t)."""
+    eps = oracle_eps(schedule, x0, x_t, t)
+    return schedule.training_target(x0, eps, t)
+
+
+@pytest.mark.parametrize("kind", ["epsilon", "v_prediction", "sample"])
+@pytest.mark.parametrize(("tau", "n"), [(400, 8), (700, 14), (1000, 20)])
+def test_every_prediction_type_follows_the_same_ddim_trajectory(kind: str, tau: int, n: int) -> None:
+    """With a perfect network each parameterisation gives the same states, which stay on the q_sample
+    trajectory of the starting noise, and lands on x0."""
+    sched = NoiseSchedule(config=SamplerConfig(prediction_type=kind))
+    g = torch.Generator().manual_seed(tau)
+    x0 = torch.randn(4, 4, 8, 8, generator=g, dtype=torch.float64)
+    eps0 = torch.randn(4, 4, 8, 8, generator=g, dtype=torch.float64)
+    x = sched.q_sample(x0, tau, eps0)
+    times = sched.timesteps(tau, n)
+    for i, t in enumerate(times):
+        t_prev = times[i + 1] if i + 1 < len(times) else 0
+        out = oracle_output(sched, x0, x, t)
+        assert torch.allclose(sched.predict_x0(out, t, x), x0, atol=1e-9)
+        x = sched.ddim_step(out, t, t_prev, x)
+        if t_prev:
+            assert torch.allclose(x, sched.q_sample(x0, t_prev, eps0), atol=1e-8)
+    assert torch.allclose(x, x0, atol=1e-6)
+
+
+def test_training_targets_by_hand_and_unknown_type() -> None:
+    g = torch.Generator().manual_seed(3)
+    x0, eps = torch.randn(2, 4, 4, 4, generator=g), torch.randn(2, 4, 4, 4, generator=g)
+    for kind, expected in [("epsilon", lambda a: eps), ("sample", lambda a: x0),
+                           ("v_prediction", lambda a: a**0.5 * eps - (1 - a) ** 0.5 * x0)]:
+        sched = NoiseSchedule(config=SamplerConfig(prediction_type=kind))
+        a = sched.alphas_cumprod[300].item()
+        assert torch.allclose(sched.training_target(x0, eps, 300), expected(a), atol=1e-6)
+        t = torch.tensor([300, 300])
+        assert torch.allclose(sched.training_target(x0, eps, t), expected(a), atol=1e-6)
+    with pytest.raises(ValueError, match="prediction_type"):
+        NoiseSchedule(config=SamplerConfig(prediction_type="x0"))

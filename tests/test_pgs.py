@@ -25,7 +25,7 @@ ADAPTIVE = [
 
 @pytest.fixture(scope="module")
 def schedule() -> NoiseSchedule:
-    return NoiseSchedule(config=SamplerConfig())
+    return NoiseSchedule(config=SamplerConfig(beta_schedule="linear", beta_start=1e-4, beta_end=0.02))
 
 
 def _f32_next(value: float, toward: float) -> float:

@@ -149,10 +149,12 @@ def test_patchdit_steps_reduce_loss() -> None:
     def step() -> dict[str, float]:  # the same t and noise every time: a fixed batch
         return patchdit_step(denoiser, grm=model.grm, classifier=model.classifier,
                              autoencoder=model.autoencoder, rtm=rtm, schedule=schedule, lr=lr, hr=hr,
-                             optimizer=opt, scale=4, patch=16, top_k=4,
+                             optimizer=opt, scale=4, patch=16, stride=8, top_k=4,
                              generator=torch.Generator().manual_seed(1))
 
-    losses = _repeat(step, 8)
+    first = step()
+    assert first["patches"] == 2 * 1  # a 128 px crop is one 16x16 latent window per image
+    losses = [first["loss"], *_repeat(step, 7)]
     assert losses[-1] < 0.85 * losses[0]
     for frozen in (model.grm, model.classifier, model.autoencoder):  # no gradient reaches them
         assert all(p.grad is None for p in frozen.parameters())
@@ -294,3 +296,23 @@ def test_two_worker_ray_train_run_and_rerun_resumes(
 
     state = run_training(dataclasses.replace(cfg, steps=3, num_workers=1))  # the same command, longer
     assert state["step"] == 3 and [h[0] for h in state["history"]] == [1, 2, 3]
+
+
+def test_latent_windows_cover_every_patch_position() -> None:
+    from patchscaler.patching import plan_grid, split_patches
+    from patchscaler.training.steps import latent_windows
+
+    x = torch.randn(2, 4, 32, 40)
+    windows = latent_windows(x, 16, 8)
+    grid = plan_grid(32, 40, patch=16, overlap=8)
+    assert windows.shape == (2 * grid.num_patches, 4, 16, 16) and grid.num_patches == 3 * 4
+    for i in range(2):  # the same windows, in the same order, as inference's patch split
+        assert torch.equal(windows[i * 12:(i + 1) * 12], split_patches(x[i], grid))
+
+
+def test_sampler_times_are_the_pgs_grid() -> None:
+    from trainer.tasks import sampler_times
+
+    config = make_tiny_model().config
+    assert sampler_times(config, "uniform") is None
+    assert sampler_times(config, "sampler").tolist() == list(range(50, 1001, 50))

@@ -69,3 +69,31 @@ def test_group_map_paints_nearest_patch() -> None:
     gmap = group_map(groups, grid)
     assert gmap.shape == (24, 24)
     assert gmap[0, 0] == 0 and gmap[0, 23] == 1 and gmap[23, 0] == 2 and gmap[23, 23] == 0
+
+
+def test_overlapping_patches_start_from_the_same_noise(tiny_model) -> None:
+    """Eq. 7's noise is drawn once per latent and cut like y_HR: where two patches overlap, their noise
+    is the same numbers (so the merge blends near-identical samples), and the draw depends on the seed."""
+    from patchscaler.patching import merge_patches
+    from patchscaler.upscaler import plan_patches
+
+    y_hr, conf = torch.randn(4, 30, 21), torch.rand(1, 30, 21)
+    plan = plan_patches(y_hr, conf, tiny_model, torch.Generator().manual_seed(3))
+    grid = plan.grid
+    assert grid.rows * grid.cols == len(plan.noise) > 4
+    s = grid.stride
+    for r in range(grid.rows):
+        for c in range(grid.cols - 1):  # right half of a patch == left half of its right neighbour
+            left, right = plan.noise[r * grid.cols + c], plan.noise[r * grid.cols + c + 1]
+            assert torch.equal(left[..., s:], right[..., :-s])
+    for r in range(grid.rows - 1):
+        top, below = plan.noise[r * grid.cols], plan.noise[(r + 1) * grid.cols]
+        assert torch.equal(top[:, s:], below[:, :-s])
+    # merging the cut noise gives back the one draw over the latent (no averaging of different draws)
+    field = merge_patches(plan.noise, grid)
+    drawn = torch.randn(y_hr.shape, generator=torch.Generator().manual_seed(3))
+    assert torch.allclose(field, drawn, atol=1e-6)
+    again = plan_patches(y_hr, conf, tiny_model, torch.Generator().manual_seed(3))
+    assert torch.equal(again.noise, plan.noise)
+    other = plan_patches(y_hr, conf, tiny_model, torch.Generator().manual_seed(4))
+    assert not torch.equal(other.noise, plan.noise)

@@ -119,11 +119,13 @@ def save_state(dir_: str, run: WorkerRun) -> None:
     """Checkpoint (config.json + model.safetensors), optimizer + training state, and loss_curve.png."""
     model = run.model
     trained_config = model.config
-    model.config = run.task.checkpoint_config(run.batches)  # what config.json records (latent scale)
+    model.config = run.task.checkpoint_config(run.batches)  # what config.json records (latent scale, ...)
     try:
         save_checkpoint(model, dir_)
     finally:
         model.config = trained_config
+    if "calibration" in run.task.extras:  # train-grm with validation images: gamma1/gamma2 and histogram
+        run.state["calibration"] = run.task.extras["calibration"]
     save_training_state(dir_, optimizer_state=run.optimizer.state_dict(), state=run.state)
     curve = plot_loss_curve(run.state["history"], f"train-{run.cfg.task}")
     _write(dir_.rstrip("/") + "/" + LOSS_CURVE, curve)

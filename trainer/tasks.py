@@ -55,6 +55,12 @@ class TrainConfig:
     kl_weight: float = 1e-6  # autoencoder
     calibrate_scale: bool = True  # autoencoder: write scaling_factor = 1 / std(latents)
     rtm: str | None = None  # patchdit: RTM artifact dir
+    # patchdit: "uniform" t ~ U{1..T} (Eq. 9) or "sampler": only the times PGS evaluates the network at
+    t_sampling: str = "uniform"
+    # grm: validation HR images (never trained on) on which gamma1/gamma2 are calibrated at every
+    # checkpoint to give the groups these (simple, medium, hard) shares (trainer/calibrate.py)
+    val_data: tuple[str, ...] = ()
+    group_shares: tuple[float, float, float] = (1 / 3, 1 / 3, 1 / 3)
     num_workers: int = 1  # Ray Train workers (one per GPU)
     use_gpu: bool | None = None  # None: use GPUs when the Ray cluster has them
     cpus_per_worker: int = 1
@@ -67,7 +73,8 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        return cls(**{**data, "data": tuple(data["data"])})
+        tuples = {k: tuple(data[k]) for k in ("data", "val_data", "group_shares") if k in data}
+        return cls(**{**data, **tuples})
 
 
 # The four trainer configs: per-task defaults over TrainConfig's.
@@ -166,6 +173,29 @@ class GRMTask(Task):
         self.check_crop(self.model.autoencoder.factor * self.model.config.scale)
         return _freeze_all_but(self.model, self.model.grm)
 
+    @torch.no_grad()
+    def checkpoint_config(self, batches: CropBatches) -> PatchScalerConfig:
+        """With ``val_data``: gamma1/gamma2 calibrated on the validation images (trainer/calibrate.py);
+        the report (thresholds, group counts, histogram) goes to ``extras["calibration"]``."""
+        if not self.cfg.val_data:
+            return self.model.config
+        from trainer.calibrate import calibrate
+        from trainer.data import list_images, read_image
+
+        if "val_images" not in self.extras:
+            paths = [p for source in self.cfg.val_data for p in list_images(source)]
+            images = [read_image(p) for p in paths]
+            self.extras["val_images"] = [im for im in images if im is not None]
+        self.model.grm.eval()
+        try:
+            config, report = calibrate(self.model, self.extras["val_images"], shares=self.cfg.group_shares,
+                                       degradation=DegradationConfig(kind=self.cfg.degradation,
+                                                                     scale=self.model.config.scale))
+        finally:
+            self.model.grm.train()
+        self.extras["calibration"] = report
+        return config
+
     def step(self, module, batch, optimizer, generator):
         hr = batch[0].to(self.device)
         lr = self.degrade(hr, generator)
@@ -199,15 +229,16 @@ class ClassifierTask(Task):
 
 class PatchDiTTask(Task):
     def setup(self) -> nn.Module:
-        patch = self.model.config.sampler.patch_size
-        self.check_crop(patch * self.model.autoencoder.factor)
+        cfg = self.model.config
+        self.check_crop(cfg.sampler.patch_size * self.model.autoencoder.factor)
         if not self.cfg.rtm:
             raise ValueError("train-patchdit needs --rtm (an RTM artifact, see `patchscaler build-rtm`)")
         from patchscaler.diffusion import NoiseSchedule
 
         self.extras["rtm"], _ = load_rtm(self.cfg.rtm)
-        self.extras["schedule"] = NoiseSchedule(config=self.model.config.sampler)
+        self.extras["schedule"] = NoiseSchedule(config=cfg.sampler)
         self.extras["schedule"].alphas_cumprod = self.extras["schedule"].alphas_cumprod.to(self.device)
+        self.extras["t_choices"] = sampler_times(cfg, self.cfg.t_sampling)
         denoiser = TextureDenoiser(patch_dit=self.model.patch_dit, texture_encoder=self.model.texture_encoder)
         return _freeze_all_but(self.model, denoiser)
 
@@ -218,9 +249,30 @@ class PatchDiTTask(Task):
         return patchdit_step(
             module, grm=self.model.grm, classifier=self.model.classifier, autoencoder=self.model.autoencoder,
             rtm=self.extras["rtm"], schedule=self.extras["schedule"], lr=lr, hr=hr, optimizer=optimizer,
-            scale=cfg.scale, patch=cfg.sampler.patch_size, top_k=cfg.texture_encoder.top_k,
-            generator=generator, max_grad_norm=self.cfg.max_grad_norm,
+            scale=cfg.scale, patch=cfg.sampler.patch_size,
+            stride=cfg.sampler.patch_size - cfg.sampler.overlap,
+            top_k=cfg.texture_encoder.top_k, generator=generator, t_choices=self.extras["t_choices"],
+            max_grad_norm=self.cfg.max_grad_norm,
         )
+
+
+def sampler_times(config: PatchScalerConfig, how: str) -> torch.Tensor | None:
+    """None for t ~ U{1..T}; for "sampler", the (n,) sorted times at which PGS evaluates the network,
+    over all groups of both modes (with the default schedules: 50, 100, ..., 1000)."""
+    if how == "uniform":
+        return None
+    if how != "sampler":
+        raise ValueError(f"unknown t_sampling {how!r}; use 'uniform' or 'sampler'")
+    from patchscaler.diffusion import NoiseSchedule
+    from patchscaler.pgs import group_plan
+
+    schedule = NoiseSchedule(config=config.sampler)
+    times = set()
+    for mode in ("adaptive", "uniform"):
+        plan = group_plan(dataclasses.replace(config.sampler, mode=mode))
+        for group in plan:
+            times.update(schedule.timesteps(group.tau, group.steps))
+    return torch.tensor(sorted(times), dtype=torch.long)
 
 
 TASKS: dict[str, type[Task]] = {

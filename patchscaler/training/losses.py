@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from patchscaler.grm import grm_loss
 
-__all__ = ["autoencoder_loss", "classifier_loss", "eps_loss", "grm_loss", "kl_divergence"]
+__all__ = ["autoencoder_loss", "classifier_loss", "diffusion_loss", "grm_loss", "kl_divergence"]
 
 
 def kl_divergence(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
@@ -40,6 +40,7 @@ def classifier_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.T
     return loss, {"acc": acc}
 
 
-def eps_loss(eps_pred: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-    """Eq. (9) (appendix Eq. 8): ||eps - f(x_t, t, y0, tp^k, s^k)||^2, averaged over elements."""
-    return F.mse_loss(eps_pred.float(), eps.float())
+def diffusion_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Eq. (9) (appendix Eq. 8): ||target - f(x_t, t, y0, tp^k, s^k)||^2, averaged over elements; the
+    target is eps for the paper's parameterisation (v or x0 for the others, ``training_target``)."""
+    return F.mse_loss(output.float(), target.float())

@@ -9,7 +9,6 @@ bf16 autocast on CUDA, fp32 elsewhere; losses are computed in fp32.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import torch
@@ -20,7 +19,7 @@ from patchscaler.autoencoder import LatentAutoencoder, upscale_input
 from patchscaler.patch_dit import PatchDiT
 from patchscaler.rtm import ReferenceTextureMemory
 from patchscaler.texture import TextureClassifier, TextureEncoder
-from patchscaler.training.losses import autoencoder_loss, classifier_loss, eps_loss, grm_loss
+from patchscaler.training.losses import autoencoder_loss, classifier_loss, diffusion_loss, grm_loss
 
 if TYPE_CHECKING:
     from patchscaler.diffusion import NoiseSchedule
@@ -130,17 +129,15 @@ def classifier_step(
     return {"loss": float(loss.detach()), **parts, "grad_norm": grad_norm}
 
 
-def random_latent_patches(
-    tensors: list[torch.Tensor], size: int, generator: torch.Generator
-) -> Iterator[torch.Tensor]:
-    """The same random (size, size) window of each image, for every tensor (B, C, h, w) of the list."""
-    b, _, h, w = tensors[0].shape
-    rows = torch.randint(0, h - size + 1, (b,), generator=generator).tolist()
-    cols = torch.randint(0, w - size + 1, (b,), generator=generator).tolist()
-    corners = list(zip(rows, cols, strict=True))
-    for x in tensors:
-        windows = [x[i, :, r : r + size, c : c + size] for i, (r, c) in enumerate(corners)]
-        yield torch.stack(windows)  # (B, C, size, size)
+def latent_windows(x: torch.Tensor, size: int, stride: int) -> torch.Tensor:
+    """Every (size, size) window of a latent batch at ``stride``: (B, C, h, w) -> (B * W, C, size, size),
+    the W windows of image 0 first, each image's in row-major order (as ``patching.split_patches``)."""
+    b, c, h, w = x.shape
+    if h < size or w < size:
+        raise ValueError(f"latent {h}x{w} is smaller than one {size}x{size} window")
+    cols = torch.nn.functional.unfold(x, kernel_size=size, stride=stride)  # (B, C*size*size, W)
+    n = cols.shape[-1]
+    return cols.transpose(1, 2).reshape(b * n, c, size, size)  # (B*W, C, size, size)
 
 
 @torch.no_grad()
@@ -153,25 +150,37 @@ def texture_condition(
     return rtm.gather(idx).to(y0.device), scores.to(y0.device)
 
 
+def sample_timesteps(n: int, t_choices: torch.Tensor | None, num_train_timesteps: int,
+                     generator: torch.Generator) -> torch.Tensor:
+    """(n,) long training time steps: U{1..T} (Eq. 9), or uniform over ``t_choices`` (e.g. the times the
+    PGS sampler ever evaluates the network at, ``SamplerConfig``'s shared grid)."""
+    if t_choices is None:
+        return torch.randint(1, num_train_timesteps + 1, (n,), generator=generator)
+    return t_choices[torch.randint(len(t_choices), (n,), generator=generator)]
+
+
 def patchdit_step(
     denoiser: nn.Module, *, grm: nn.Module, classifier: TextureClassifier, autoencoder: LatentAutoencoder,
     rtm: ReferenceTextureMemory, schedule: NoiseSchedule, lr: torch.Tensor, hr: torch.Tensor,
-    optimizer: torch.optim.Optimizer, scale: int, patch: int, top_k: int, generator: torch.Generator,
-    max_grad_norm: float | None = None,
+    optimizer: torch.optim.Optimizer, scale: int, patch: int, stride: int, top_k: int,
+    generator: torch.Generator, t_choices: torch.Tensor | None = None, max_grad_norm: float | None = None,
 ) -> dict[str, float]:
-    """Eq. (9): frozen autoencoder + GRM give the coarse y0 and the target x0 (one random V x V latent
-    patch per image); the frozen classifier + RTM give the texture prior; t ~ U{1..T}."""
+    """Eq. (9) on every V x V latent window (at the sampler's patch stride) of each crop: the frozen
+    autoencoder + GRM give the coarse y0 and the target x0 once per crop; the frozen classifier + RTM give
+    each window's top-K texture prior; t ~ U{1..T} (or ``t_choices``), one noise draw per window. The loss
+    target follows the schedule's ``prediction_type`` (``NoiseSchedule.training_target``)."""
     y_lr, x_hr = encode_pair(autoencoder, lr, hr, scale=scale)
     with torch.no_grad(), autocast(hr.device):
-        y_hr = grm(y_lr)[0].float()  # (B, 4, h, w)
-    y0, x0 = random_latent_patches([y_hr, x_hr], patch, generator)  # (B, 4, V, V) each
+        y_hr = grm(y_lr)[0].float()  # (B, C, h, w)
+    y0 = latent_windows(y_hr, patch, stride)  # (B*W, C, V, V)
+    x0 = latent_windows(x_hr, patch, stride)  # (B*W, C, V, V)
     values, scores = texture_condition(classifier, rtm, y0, top_k)
-    steps = schedule.alphas_cumprod.shape[0] - 1
-    t = torch.randint(1, steps + 1, (x0.shape[0],), generator=generator)  # (B,) in 1..T
-    eps = torch.randn(x0.shape, generator=generator).to(x0.device)  # (B, 4, V, V)
-    x_t = schedule.q_sample(x0, t.to(x0.device), eps)  # (B, 4, V, V), Eq. (4)
+    t = sample_timesteps(x0.shape[0], t_choices, schedule.num_train_timesteps, generator).to(x0.device)
+    eps = torch.randn(x0.shape, generator=generator).to(x0.device)  # (B*W, C, V, V)
+    x_t = schedule.q_sample(x0, t, eps)  # (B*W, C, V, V), Eq. (4)
+    target = schedule.training_target(x0, eps, t)  # eps (Eq. 9), v or x0
     with autocast(hr.device):
-        eps_pred = denoiser(x_t, t.to(x0.device).float(), y0, values, scores)
-    loss = eps_loss(eps_pred, eps)
+        out = denoiser(x_t, t.float(), y0, values, scores)
+    loss = diffusion_loss(out, target)
     grad_norm = _update(loss, denoiser, optimizer, max_grad_norm)
-    return {"loss": float(loss.detach()), "t_mean": float(t.float().mean()), "grad_norm": grad_norm}
+    return {"loss": float(loss.detach()), "patches": float(x0.shape[0]), "grad_norm": grad_norm}
