@@ -49,7 +49,10 @@ def add_arguments(p: argparse.ArgumentParser, task: str) -> None:
         p.add_argument("--group-shares", type=_shares, default=d["group_shares"],
                        help="target simple,medium,hard shares of the calibration, e.g. 0.34,0.33,0.33")
     if task == "autoencoder":
-        p.add_argument("--kl-weight", type=float, default=d["kl_weight"])
+        p.add_argument("--kl-weight", type=float, default=d["kl_weight"], help="KL term (AutoencoderKL only)")
+        p.add_argument("--recon-loss", choices=["l1", "mse", "mse+fft"], default=d["recon_loss"],
+                       help="reconstruction loss: l1 (LDM's), mse (what PSNR measures), mse+fft (+ frequency "
+                            "term that keeps detail)")
         p.add_argument("--no-calibrate-scale", dest="calibrate_scale", action="store_false",
                        help="keep the config's latent scaling_factor instead of 1/std(latents)")
     if task == "patchdit":

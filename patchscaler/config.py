@@ -13,12 +13,14 @@ from typing import Any
 
 @dataclass(frozen=True)
 class AutoencoderConfig:
-    """diffusers ``AutoencoderKL`` with the SD-VAE layout: f = 2**(len(block_out_channels)-1) = 8."""
+    """A diffusers autoencoder, f = 2**(len(block_out_channels)-1): by default ``AutoencoderKL`` with the
+    SD-VAE layout (f = 8, 4 channels); ``kind="dc"`` is ``AutoencoderDC`` (patchscaler/autoencoder.py)."""
 
+    kind: str = "kl"  # "kl" (AutoencoderKL, SD-VAE) or "dc" (AutoencoderDC, residual autoencoding)
     block_out_channels: tuple[int, ...] = (128, 256, 512, 512)
     layers_per_block: int = 2
     latent_channels: int = 4
-    norm_num_groups: int = 32
+    norm_num_groups: int = 32  # "kl" only ("dc" uses RMSNorm)
     # SD-VAE's latent scaling factor: latents are multiplied by it after encoding so that they
     # have roughly unit variance, and divided by it before decoding.
     scaling_factor: float = 0.18215
@@ -125,6 +127,25 @@ class PatchScalerConfig:
     patch_dit: PatchDiTConfig = field(default_factory=PatchDiTConfig)
     texture_encoder: TextureEncoderConfig = field(default_factory=TextureEncoderConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
+
+    def __post_init__(self) -> None:
+        """Every module that reads or writes latents must agree on their channel count."""
+        channels = {
+            "autoencoder.latent_channels": self.autoencoder.latent_channels,
+            "grm.in_channels": self.grm.in_channels,
+            "grm.out_channels": self.grm.out_channels,
+            "classifier.in_channels": self.classifier.in_channels,
+            "patch_dit.latent_channels": self.patch_dit.latent_channels,
+        }
+        if len(set(channels.values())) != 1:
+            raise ValueError(f"latent channel counts disagree: {channels}")
+        if self.patch_dit.input_size != self.sampler.patch_size:
+            raise ValueError(f"patch_dit.input_size {self.patch_dit.input_size} != sampler.patch_size "
+                             f"{self.sampler.patch_size}")
+
+    @property
+    def latent_channels(self) -> int:
+        return self.autoencoder.latent_channels
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

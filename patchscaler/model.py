@@ -7,10 +7,9 @@ The state-dict prefixes (``autoencoder.``, ``grm.``, ``classifier.``, ``patch_di
 
 from __future__ import annotations
 
-from diffusers import AutoencoderKL
 from torch import nn
 
-from patchscaler.autoencoder import LatentAutoencoder
+from patchscaler.autoencoder import Autoencoder, LatentAutoencoder
 from patchscaler.config import PatchScalerConfig
 from patchscaler.grm import GRM
 from patchscaler.patch_dit import PatchDiT
@@ -20,7 +19,7 @@ MODULE_NAMES: tuple[str, ...] = ("autoencoder", "grm", "classifier", "patch_dit"
 
 
 class PatchScalerModel(nn.Module):
-    def __init__(self, *, config: PatchScalerConfig, vae: AutoencoderKL | None = None) -> None:
+    def __init__(self, *, config: PatchScalerConfig, vae: Autoencoder | None = None) -> None:
         super().__init__()
         self.config = config
         self.autoencoder = LatentAutoencoder(config=config.autoencoder, vae=vae)

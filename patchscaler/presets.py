@@ -19,16 +19,20 @@ from patchscaler.config import (
 )
 
 PRESETS: dict[str, PatchScalerConfig] = {
+    # The demo's preset, trainable on a 2-core CPU (docs/model.md, "The tiny preset"): AutoencoderDC with
+    # f = 4 and 8 latent channels (AutoencoderKL from scratch learns too slowly there), Patch-DiT with
+    # v-prediction.
     "tiny": PatchScalerConfig(
         autoencoder=AutoencoderConfig(
-            block_out_channels=(32, 64, 64, 64), layers_per_block=1, norm_num_groups=8,
+            kind="dc", block_out_channels=(32, 64, 64), layers_per_block=1, latent_channels=8,
             scaling_factor=1.0, tile_sample_size=256,
         ),
-        grm=GRMConfig(base_channels=16, channel_mult=(1, 2, 2, 4, 4), num_res_blocks=2, norm_groups=8),
-        classifier=ClassifierConfig(channels=(32, 64, 64), feature_dim=64, norm_groups=8),
-        patch_dit=PatchDiTConfig(hidden_size=96, depth=4, num_heads=4, mlp_ratio=4.0),
+        grm=GRMConfig(in_channels=8, out_channels=8, base_channels=24, channel_mult=(1, 2, 2, 4, 4),
+                      num_res_blocks=2, norm_groups=8),
+        classifier=ClassifierConfig(in_channels=8, channels=(32, 64, 64), feature_dim=64, norm_groups=8),
+        patch_dit=PatchDiTConfig(latent_channels=8, hidden_size=96, depth=4, num_heads=4, mlp_ratio=4.0),
         texture_encoder=TextureEncoderConfig(depth=2, mlp_ratio=2.0, top_k=4),
-        sampler=SamplerConfig(batch_size=64),
+        sampler=SamplerConfig(batch_size=64, prediction_type="v_prediction"),
     ),
     "small": PatchScalerConfig(
         autoencoder=AutoencoderConfig(

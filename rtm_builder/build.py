@@ -34,7 +34,7 @@ import ray
 from rtm_builder import DEFAULT_CANDIDATES, DEFAULT_ENTRIES
 from rtm_builder.artifact import Candidates, read_pool, write_artifact
 from rtm_builder.contact_sheet import contact_sheet_png
-from rtm_builder.crop import CROP, STATUS_OK, CropStage, PlannedCrop, Probe, ProbeStage, crop_rows, plan_crops
+from rtm_builder.crop import STATUS_OK, CropStage, PlannedCrop, Probe, ProbeStage, crop_rows, plan_crops
 from rtm_builder.encode import EncodeStage
 from rtm_builder.fps import FPSResult, farthest_point_sampling
 from rtm_builder.sources import Source, list_source_files
@@ -102,12 +102,21 @@ def resolve(cfg: BuildConfig) -> BuildConfig:
     return replace(cfg, device=device, encode_actors=actors, cpus_per_actor=per_actor)
 
 
-def probe_files(cfg: BuildConfig, files: list[tuple[str, str]]) -> list[Probe]:
+def crop_size(weights: str) -> int:
+    """HR pixels of one RTM entry: one latent patch (``sampler.patch_size``) of the checkpoint's
+    autoencoder, 16 x 8 = 128 for the paper's f=8 (B.3: 128x128 crops)."""
+    from patchscaler.weights import load_config
+
+    config = load_config(weights)
+    return config.sampler.patch_size * config.autoencoder.downsample_factor
+
+
+def probe_files(cfg: BuildConfig, files: list[tuple[str, str]], crop: int) -> list[Probe]:
     if not files:
         return []
     ds = ray.data.from_items([{"source": s, "path": p} for s, p in files],
                              override_num_blocks=min(len(files), 8 * cfg.read_tasks))
-    ds = ds.map_batches(ProbeStage(storage_options=cfg.storage_options, max_pixels=cfg.max_pixels),
+    ds = ds.map_batches(ProbeStage(storage_options=cfg.storage_options, max_pixels=cfg.max_pixels, crop=crop),
                         batch_size=4, batch_format="numpy", num_cpus=TASK_CPUS,
                         compute=ray.data.TaskPoolStrategy(size=cfg.read_tasks))
     probes = [Probe(str(r["source"]), str(r["path"]), str(r["status"]), int(r["width"]), int(r["height"]),
@@ -115,13 +124,13 @@ def probe_files(cfg: BuildConfig, files: list[tuple[str, str]]) -> list[Probe]:
     return sorted(probes, key=lambda p: (p.source, p.path))
 
 
-def encode_plan(cfg: BuildConfig, plan: list[PlannedCrop]) -> tuple[Candidates | None, str]:
+def encode_plan(cfg: BuildConfig, plan: list[PlannedCrop], crop: int) -> tuple[Candidates | None, str]:
     """Cut and encode the planned crops; returns them in plan order (None if none) and the weights hash."""
     if not plan:
         return None, ""
     rows = crop_rows(plan)
     ds = ray.data.from_items(rows, override_num_blocks=min(len(rows), 8 * cfg.read_tasks))
-    ds = ds.map_batches(CropStage(storage_options=cfg.storage_options, max_pixels=cfg.max_pixels),
+    ds = ds.map_batches(CropStage(storage_options=cfg.storage_options, max_pixels=cfg.max_pixels, crop=crop),
                         batch_size=1, batch_format="numpy", num_cpus=TASK_CPUS,
                         compute=ray.data.TaskPoolStrategy(size=cfg.read_tasks))
     ds = ds.map_batches(
@@ -217,6 +226,7 @@ class _Run:
     pool: Candidates
     entries: Candidates
     fps: FPSResult
+    crop: int  # HR pixels of one crop (crop_size)
     fps_device: str
 
 
@@ -239,7 +249,7 @@ def make_manifest(cfg: BuildConfig, run: _Run, old: dict[str, Any] | None) -> di
     return {
         "created": created,
         "weights": {"uri": cfg.weights, "hash": run.weights_hash, "autoencoder": cfg.autoencoder},
-        "config": {"entries": cfg.entries, "candidates": run.budget, "seed": cfg.seed, "crop_size": CROP,
+        "config": {"entries": cfg.entries, "candidates": run.budget, "seed": cfg.seed, "crop_size": run.crop,
                    "fps": {"metric": FPS_METRIC, "start": FPS_START}},
         "sources": sources,
         "counts": {
@@ -280,12 +290,14 @@ def build_rtm(cfg: BuildConfig) -> BuildSummary:
             raise ValueError(f"sources {clash} are already in the RTM at {base}; use new names")
     files = [(s.name, path) for s in cfg.sources for path in list_source_files(s, cfg.storage_options)]
     lap("list")
-    probes = probe_files(cfg, files)
+    crop = crop_size(cfg.weights)
+    probes = probe_files(cfg, files, crop)
     lap("probe")
     budget = candidate_budget(cfg, len(stored) if stored is not None else 0, old)
-    plan, per_source = plan_crops(probes, {s.name: s.weight for s in cfg.sources}, budget, seed=cfg.seed)
+    plan, per_source = plan_crops(probes, {s.name: s.weight for s in cfg.sources}, budget, seed=cfg.seed,
+                                  crop=crop)
     lap("plan")
-    encoded, weights_hash = encode_plan(cfg, plan)
+    encoded, weights_hash = encode_plan(cfg, plan, crop)
     lap("encode")
     if old is not None:
         if encoded is not None and weights_hash != old["weights"]["hash"]:
@@ -295,7 +307,7 @@ def build_rtm(cfg: BuildConfig) -> BuildSummary:
     parts = [p for p in (stored, encoded) if p is not None]
     if not parts:
         raise ValueError(f"no usable crops: none of the {len(files)} files is a readable image of at least "
-                         f"{CROP}x{CROP} pixels")
+                         f"{crop}x{crop} pixels")
     pool = Candidates.concat(parts)
     fps_device = "cuda" if cfg.device.startswith("cuda") else "cpu"
     fps = on_device(cfg, _fps_task, pool.keys, min(cfg.entries, len(pool)), fps_device)
@@ -308,7 +320,7 @@ def build_rtm(cfg: BuildConfig) -> BuildSummary:
     lap("contact_sheet")
     run = _Run(probes=probes, plan=plan, per_source=per_source, budget=budget, encoded=encoded,
                reused=len(stored) if stored is not None else 0, weights_hash=weights_hash, pool=pool,
-               entries=entries, fps=fps, fps_device=fps_device)
+               entries=entries, fps=fps, fps_device=fps_device, crop=crop)
     manifest = make_manifest(cfg, run, old)
     version = write_artifact(cfg.out, entries=entries, pool=pool, manifest=manifest, contact_sheet=sheet,
                              storage_options=cfg.storage_options)

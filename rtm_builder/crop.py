@@ -41,7 +41,7 @@ from PIL import UnidentifiedImageError
 from pipeline.decode import ImageTooLarge, decode_image
 from pipeline.io import read_bytes
 
-CROP = 128
+CROP = 128  # the paper's crop: one 16x16 latent patch of an f=8 autoencoder (build.crop_size)
 STATUS_OK = "ok"
 SKIP_REASONS = ("empty", "not_an_image", "corrupt", "too_large", "too_small", "unreadable")
 
@@ -106,13 +106,15 @@ def probe_file(source: str, path: str, *, storage_options: dict[str, Any], max_p
 class ProbeStage:
     """Ray Data callable (tasks): rows (source, path) -> the same rows with the probe's facts."""
 
-    def __init__(self, *, storage_options: dict[str, Any], max_pixels: int) -> None:
+    def __init__(self, *, storage_options: dict[str, Any], max_pixels: int, crop: int = CROP) -> None:
         self.storage_options = storage_options
         self.max_pixels = max_pixels
+        self.crop = crop
 
     def __call__(self, batch: Batch) -> Batch:
         probes = [
-            probe_file(str(s), str(p), storage_options=self.storage_options, max_pixels=self.max_pixels)
+            probe_file(str(s), str(p), storage_options=self.storage_options, max_pixels=self.max_pixels,
+                       crop=self.crop)
             for s, p in zip(batch["source"], batch["path"], strict=True)
         ]
         return {

@@ -22,7 +22,6 @@ import torch.nn.functional as F
 
 from patchscaler.model import PatchScalerModel
 from patchscaler.weights import load_checkpoint
-from rtm_builder.crop import CROP
 
 Batch = dict[str, np.ndarray]
 PASSTHROUGH = ("id", "source", "path", "box")
@@ -32,7 +31,8 @@ PASSTHROUGH = ("id", "source", "path", "box")
 def encode_crops(
     model: PatchScalerModel, pixels: np.ndarray | torch.Tensor, *, batch_size: int = 64
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """uint8 crops (B, 128, 128, 3) -> (values (B, 4, 16, 16), keys (B, D) unit norm, classes (B,))."""
+    """uint8 crops (B, c, c, 3) -> (values (B, C, c/f, c/f), keys (B, D) unit norm, classes (B,)); c is one
+    latent patch of the autoencoder (``build.crop_size``: 128 for f=8)."""
     device = next(model.parameters()).device
     # Ray hands over read-only arrays: np.require copies those (torch wants writable memory).
     crops = pixels if isinstance(pixels, torch.Tensor) else torch.from_numpy(np.require(pixels, None, "WC"))
@@ -68,7 +68,7 @@ class EncodeStage:
         if n == 0:
             d = self.model.config.classifier.feature_dim
             c = self.model.config.autoencoder.latent_channels
-            v = CROP // self.model.autoencoder.factor
+            v = self.model.config.sampler.patch_size
             out.update(value=np.zeros((0, c, v, v), np.float32), key=np.zeros((0, d), np.float32),
                        texture_class=np.zeros(0, np.int32), weights_hash=np.zeros(0, dtype=object))
             return out

@@ -13,6 +13,7 @@ the files listed below and writes, under ``--out`` (default ``data/demo``, ignor
 - ``photos/<name>_1024.png`` and ``photos/<name>_512.png``: every training photograph resized (Lanczos)
   to a long side of 1024 and 512 px, two scales of the same scene;
 - ``illustrations/<name>_1024.png``: the illustrations (not used by the demo recipe's trainers);
+- ``val/<name>.png``: two validation photographs, long side 512, for the GRM's group calibration;
 - ``heldout/<name>.png``: the held-out photographs, long side 512, never trained on;
 - ``LICENSES.md``: the licence table, built from the packages' copyright files.
 
@@ -43,12 +44,17 @@ PLASMA = "usr/share/wallpapers"
 # name -> (package, path inside the package: a file, or a Plasma wallpaper folder), by role
 TRAIN_PHOTOS: dict[str, tuple[str, str]] = {
     **{n.lower(): ("mate-backgrounds", f"{MATE}/nature/{n}.jpg") for n in (
-        "Aqua", "Blinds", "FreshFlower", "Garden", "GreenMeadow", "RainDrops", "Storm", "TwoWings", "Wood",
-        "YellowFlower")},
+        "Aqua", "Blinds", "FreshFlower", "GreenMeadow", "RainDrops", "TwoWings", "Wood", "YellowFlower")},
     **{n.lower(): ("plasma-workspace-wallpapers", f"{PLASMA}/{n}") for n in (
         "BytheWater", "ColdRipple", "ColorfulCups", "DarkestHour", "FallenLeaf", "Grey", "Kite",
         "OneStandsOut", "summer_1am", "Volna")},
 }
+# Validation (never trained on): what train-grm calibrates PGS's thresholds on (trainer/calibrate.py).
+VAL_PHOTOS: dict[str, tuple[str, str]] = {
+    "garden": ("mate-backgrounds", f"{MATE}/nature/Garden.jpg"),
+    "storm": ("mate-backgrounds", f"{MATE}/nature/Storm.jpg"),
+}
+# Held out (never trained on, never used to choose anything): the model card's test images.
 HELDOUT_PHOTOS: dict[str, tuple[str, str]] = {
     "ladybird": ("mate-backgrounds", f"{MATE}/nature/LadyBird.jpg"),
     "dune": ("mate-backgrounds", f"{MATE}/nature/Dune.jpg"),
@@ -172,10 +178,12 @@ def main() -> None:
         for name, (_, path) in ILLUSTRATIONS.items():
             (staging / "illustrations").mkdir(exist_ok=True)
             resized(source_file(root, path), 1024).save(staging / "illustrations" / f"{name}_1024.png")
-        for name, (_, path) in HELDOUT_PHOTOS.items():
-            (staging / "heldout").mkdir(exist_ok=True)
-            resized(source_file(root, path), 512).save(staging / "heldout" / f"{name}.png")
-        used = {"train": TRAIN_PHOTOS, "held out": HELDOUT_PHOTOS, "illustration": ILLUSTRATIONS}
+        for folder, table in (("val", VAL_PHOTOS), ("heldout", HELDOUT_PHOTOS)):
+            (staging / folder).mkdir(exist_ok=True)
+            for name, (_, path) in table.items():
+                resized(source_file(root, path), 512).save(staging / folder / f"{name}.png")
+        used = {"train": TRAIN_PHOTOS, "validation": VAL_PHOTOS, "held out": HELDOUT_PHOTOS,
+                "illustration": ILLUSTRATIONS}
         (staging / "LICENSES.md").write_text(licence_table(root, used), encoding="utf-8")
         if out.exists():
             shutil.rmtree(out)

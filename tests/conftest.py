@@ -37,7 +37,8 @@ def make_tiny_model(seed: int = 0) -> PatchScalerModel:
 
 def make_tiny_rtm(model: PatchScalerModel, entries: int = 24, seed: int = 0) -> ReferenceTextureMemory:
     g = torch.Generator().manual_seed(seed)
-    values = torch.randn(entries, 4, 16, 16, generator=g)
+    c, v = model.config.latent_channels, model.config.sampler.patch_size
+    values = torch.randn(entries, c, v, v, generator=g)
     with torch.no_grad():
         keys = model.classifier.features(values)
     return ReferenceTextureMemory(keys=keys, values=values)

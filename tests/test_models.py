@@ -49,12 +49,12 @@ def assert_all_grads(module: nn.Module) -> None:
 
 
 def dit_inputs(cfg: PatchScalerConfig, b: int = 2) -> dict[str, torch.Tensor]:
-    s, k = cfg.patch_dit.input_size, cfg.texture_encoder.top_k
+    s, k, c = cfg.patch_dit.input_size, cfg.texture_encoder.top_k, cfg.latent_channels
     return {
-        "x_t": torch.randn(b, 4, s, s),
+        "x_t": torch.randn(b, c, s, s),
         "t": torch.tensor([1.0, 1000.0, 437.0, 20.0][:b]),
-        "y0": torch.randn(b, 4, s, s),
-        "values": torch.randn(b, k, 4, s, s),
+        "y0": torch.randn(b, c, s, s),
+        "values": torch.randn(b, k, c, s, s),
         "scores": torch.rand(b, k) * 2 - 1,
     }
 
@@ -90,10 +90,11 @@ def test_tiny_preset_is_small() -> None:
 def test_grm_shapes_and_range(config: PatchScalerConfig, size: tuple[int, int]) -> None:
     torch.manual_seed(0)
     grm = GRM(config=config.grm).eval()
-    y_lr = torch.randn(2, 4, *size)
+    c = config.latent_channels
+    y_lr = torch.randn(2, c, *size)
     with torch.no_grad():
         y_hr, conf = grm(y_lr)
-    assert y_hr.shape == (2, 4, *size) and conf.shape == (2, 1, *size)
+    assert y_hr.shape == (2, c, *size) and conf.shape == (2, 1, *size)
     assert y_hr.isfinite().all() and conf.isfinite().all()
     assert (conf > 0).all() and (conf <= 1).all()
     # The y head starts at zero: an untrained GRM passes y_LR through unchanged.
@@ -103,7 +104,7 @@ def test_grm_shapes_and_range(config: PatchScalerConfig, size: tuple[int, int]) 
 def test_grm_batch_independent() -> None:
     torch.manual_seed(0)
     grm = randomize_zero_params(GRM(config=PRESETS["tiny"].grm)).eval()
-    y_lr = torch.randn(3, 4, 20, 12)
+    y_lr = torch.randn(3, PRESETS["tiny"].latent_channels, 20, 12)
     with torch.no_grad():
         y_all, c_all = grm(y_lr)
         y_one, c_one = grm(y_lr[1:2])
@@ -114,7 +115,7 @@ def test_grm_batch_independent() -> None:
 
 def test_grm_confidence_limits() -> None:
     grm = GRM(config=PRESETS["tiny"].grm).eval()
-    y_lr = torch.randn(1, 4, 16, 16)
+    y_lr = torch.randn(1, PRESETS["tiny"].latent_channels, 16, 16)
     with torch.no_grad():
         nn.init.zeros_(grm.head_conf.weight)
         nn.init.constant_(grm.head_conf.bias, -40.0)  # z -> -inf: C -> 1
@@ -129,7 +130,8 @@ def test_grm_confidence_limits() -> None:
 def test_grm_gradients_reach_every_parameter(config: PatchScalerConfig) -> None:
     torch.manual_seed(0)
     grm = randomize_zero_params(GRM(config=config.grm))
-    y_lr, x_hr = torch.randn(2, 4, 20, 12), torch.randn(2, 4, 20, 12)
+    c = config.latent_channels
+    y_lr, x_hr = torch.randn(2, c, 20, 12), torch.randn(2, c, 20, 12)
     y_hr, conf = grm(y_lr)
     grm_loss(y_hr, conf, x_hr, lam=config.grm.loss_lambda, eta=config.grm.loss_eta).backward()
     assert_all_grads(grm)
@@ -168,7 +170,7 @@ def test_classifier_shapes_and_gradients(config: PatchScalerConfig) -> None:
     torch.manual_seed(0)
     cls_cfg = config.classifier
     clf = TextureClassifier(config=cls_cfg)
-    x = torch.randn(5, 4, 16, 16)
+    x = torch.randn(5, config.latent_channels, 16, 16)
     feats = clf.features(x)
     logits = clf(x)
     assert feats.shape == (5, cls_cfg.feature_dim) and logits.shape == (5, cls_cfg.num_classes)
@@ -207,7 +209,8 @@ def test_texture_encoder_shapes_and_conditioning(config: PatchScalerConfig) -> N
     torch.testing.assert_close(prompt[1:], prompt3[1:], rtol=1e-4, atol=1e-5)
     assert fewer.shape == (3, 2 * dit_cfg.num_tokens, dit_cfg.hidden_size)
     with pytest.raises(ValueError):
-        enc(torch.randn(1, enc_cfg.top_k + 1, 4, 16, 16), torch.rand(1, enc_cfg.top_k + 1))
+        c = config.latent_channels
+        enc(torch.randn(1, enc_cfg.top_k + 1, c, 16, 16), torch.rand(1, enc_cfg.top_k + 1))
 
 
 def test_patch_dit_shapes_and_init(config: PatchScalerConfig) -> None:

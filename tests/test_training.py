@@ -107,7 +107,8 @@ def _repeat(fn, n: int) -> list[float]:
 
 def test_autoencoder_steps_reduce_loss() -> None:
     model = make_tiny_model(seed=0)
-    module = AutoencoderForTraining(vae=model.autoencoder.vae).requires_grad_(True).train()
+    module = AutoencoderForTraining(vae=model.autoencoder.vae, config=model.config.autoencoder)
+    module.requires_grad_(True).train()
     opt = torch.optim.Adam(module.parameters(), lr=1e-3)
     hr = _smooth_images(4, 32, seed=3)
     losses = _repeat(lambda: autoencoder_step(module, hr, opt, kl_weight=1e-6,
@@ -153,7 +154,9 @@ def test_patchdit_steps_reduce_loss() -> None:
                              generator=torch.Generator().manual_seed(1))
 
     first = step()
-    assert first["patches"] == 2 * 1  # a 128 px crop is one 16x16 latent window per image
+    side = 128 // model.autoencoder.factor  # latent side of a 128 px crop
+    per_image = (1 + (side - 16) // 8) ** 2  # every 16x16 window at stride 8
+    assert first["patches"] == 2 * per_image
     losses = [first["loss"], *_repeat(step, 7)]
     assert losses[-1] < 0.85 * losses[0]
     for frozen in (model.grm, model.classifier, model.autoencoder):  # no gradient reaches them

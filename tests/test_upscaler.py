@@ -16,10 +16,12 @@ def test_end_to_end_40x24_is_x4_and_reproducible(tiny_model, tiny_rtm) -> None:
     assert first.image.shape == (3, 96, 160)
     assert torch.isfinite(first.image).all()
     assert torch.equal(first.image, second.image)  # bit-identical for the same generator seed
-    # latent 20x12 (HR / 8) -> padded to 24x16 -> 2 x 1 patch grid of 16x16 with stride 8
-    assert first.confidence.shape == (1, 12, 20)
+    # tiny's f = 4: latent 40x24 (HR / 4) -> padded to 40x24 -> a 4 x 2 grid of 16x16 patches, stride 8
+    assert tiny_model.autoencoder.factor == 4
+    assert first.confidence.shape == (1, 24, 40)
+    assert (first.grid.rows, first.grid.cols) == (2, 4)
     assert sum(first.group_counts.values()) == first.grid.num_patches == len(first.groups)
-    assert first.group_map.shape == (12, 20)
+    assert first.group_map.shape == (24, 40)
     other_seed = _upscale(tiny_model, tiny_rtm, image, seed=8)
     assert not torch.equal(first.image, other_seed.image)
 

@@ -52,7 +52,8 @@ class TrainConfig:
     checkpoint_every: int = 1000
     max_grad_norm: float | None = 1.0
     degradation: str = "realesrgan"  # or "bicubic"
-    kl_weight: float = 1e-6  # autoencoder
+    kl_weight: float = 1e-6  # autoencoder (AutoencoderKL only)
+    recon_loss: str = "l1"  # autoencoder: "l1" (LDM), "mse" or "mse+fft" (patchscaler/training/losses.py)
     calibrate_scale: bool = True  # autoencoder: write scaling_factor = 1 / std(latents)
     rtm: str | None = None  # patchdit: RTM artifact dir
     # patchdit: "uniform" t ~ U{1..T} (Eq. 9) or "sampler": only the times PGS evaluates the network at
@@ -148,11 +149,13 @@ def _stream_seed(seed: int, rank: int, start_step: int) -> int:
 class AutoencoderTask(Task):
     def setup(self) -> nn.Module:
         self.check_crop(self.model.autoencoder.factor)
-        return _freeze_all_but(self.model, AutoencoderForTraining(vae=self.model.autoencoder.vae))
+        ae = self.model.autoencoder
+        return _freeze_all_but(self.model, AutoencoderForTraining(vae=ae.vae, config=ae.config))
 
     def step(self, module, batch, optimizer, generator):
         hr = batch[0].to(self.device)
         return autoencoder_step(module, hr, optimizer, kl_weight=self.cfg.kl_weight, generator=generator,
+                                recon_loss=self.cfg.recon_loss,
                                 max_grad_norm=self.cfg.max_grad_norm)
 
     @torch.no_grad()
@@ -161,8 +164,10 @@ class AutoencoderTask(Task):
         config = self.model.config
         if not self.cfg.calibrate_scale:
             return config
+        from patchscaler.autoencoder import raw_latent
+
         vae = self.model.autoencoder.vae
-        means = [vae.encode(next(batches)[0].to(self.device) * 2 - 1).latent_dist.mean for _ in range(4)]
+        means = [raw_latent(vae, next(batches)[0].to(self.device) * 2 - 1) for _ in range(4)]
         factor = float(1.0 / torch.cat(means).float().std())
         ae = dataclasses.replace(config.autoencoder, scaling_factor=round(factor, 6))
         return config.replace(autoencoder=ae)

@@ -15,7 +15,8 @@ import torch
 from diffusers import AutoencoderKL
 from torch import nn
 
-from patchscaler.autoencoder import LatentAutoencoder, upscale_input
+from patchscaler.autoencoder import Autoencoder, LatentAutoencoder, upscale_input
+from patchscaler.config import AutoencoderConfig
 from patchscaler.patch_dit import PatchDiT
 from patchscaler.rtm import ReferenceTextureMemory
 from patchscaler.texture import TextureClassifier, TextureEncoder
@@ -42,16 +43,27 @@ def _update(loss: torch.Tensor, module: nn.Module, optimizer: torch.optim.Optimi
 
 
 class AutoencoderForTraining(nn.Module):
-    """Wraps an ``AutoencoderKL`` so one ``forward`` gives what the loss needs: (recon, mean, logvar)."""
+    """Wraps the diffusers autoencoder so one ``forward`` gives what the loss needs: (recon, latent,
+    logvar). ``AutoencoderKL`` decodes a posterior sample (logvar for the KL term); ``AutoencoderDC`` is
+    deterministic (logvar None, no KL term)."""
 
-    def __init__(self, *, vae: AutoencoderKL) -> None:
+    def __init__(self, *, vae: Autoencoder, config: AutoencoderConfig) -> None:
         super().__init__()
         self.vae = vae
+        self.latent_channels = config.latent_channels
+        self.factor = config.downsample_factor
 
-    def forward(self, x: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """x (B, 3, H, W) in [-1, 1], noise (B, 4, H/8, W/8) -> recon (B, 3, H, W), mean, logvar."""
+    def latent_shape(self, x: torch.Tensor) -> tuple[int, int, int, int]:
+        return (x.shape[0], self.latent_channels, x.shape[-2] // self.factor, x.shape[-1] // self.factor)
+
+    def forward(self, x: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
+                                                                     torch.Tensor | None]:
+        """x (B, 3, H, W) in [-1, 1], noise (B, C, H/f, W/f) -> recon (B, 3, H, W), latent, logvar."""
+        if not isinstance(self.vae, AutoencoderKL):
+            z = self.vae.encode(x).latent  # (B, C, H/f, W/f)
+            return self.vae.decode(z).sample, z, None
         posterior = self.vae.encode(x).latent_dist
-        z = posterior.mean + posterior.std * noise  # (B, 4, H/8, W/8), a posterior sample
+        z = posterior.mean + posterior.std * noise  # (B, C, H/f, W/f), a posterior sample
         return self.vae.decode(z).sample, posterior.mean, posterior.logvar
 
 
@@ -72,17 +84,15 @@ class TextureDenoiser(nn.Module):
 
 def autoencoder_step(
     model: nn.Module, hr: torch.Tensor, optimizer: torch.optim.Optimizer, *, kl_weight: float,
-    generator: torch.Generator, max_grad_norm: float | None = None,
+    generator: torch.Generator, max_grad_norm: float | None = None, recon_loss: str = "l1",
 ) -> dict[str, float]:
     """``model``: an ``AutoencoderForTraining`` (maybe DDP-wrapped); ``hr`` (B, 3, H, W) in [0, 1]."""
     x = hr * 2.0 - 1.0  # (B, 3, H, W) in [-1, 1]
     inner = model.module if hasattr(model, "module") else model
-    latent_ch = inner.vae.config.latent_channels
-    f = 2 ** (len(inner.vae.config.block_out_channels) - 1)
-    noise = torch.randn((x.shape[0], latent_ch, x.shape[-2] // f, x.shape[-1] // f), generator=generator)
+    noise = torch.randn(inner.latent_shape(x), generator=generator)  # used by AutoencoderKL only
     with autocast(x.device):
         recon, mean, logvar = model(x, noise.to(x.device))
-    loss, parts = autoencoder_loss(recon, x, mean, logvar, kl_weight=kl_weight)
+    loss, parts = autoencoder_loss(recon, x, mean, logvar, kl_weight=kl_weight, recon_loss=recon_loss)
     grad_norm = _update(loss, model, optimizer, max_grad_norm)
     latent_std = float(mean.detach().float().std())
     return {"loss": float(loss.detach()), **parts, "latent_std": latent_std, "grad_norm": grad_norm}
