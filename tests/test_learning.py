@@ -88,7 +88,7 @@ def test_grm_overfits_one_pair_well_past_the_bicubic_latent() -> None:
 
 
 def test_patch_dit_with_the_real_pgs_sampler_beats_y0_for_every_group() -> None:
-    """Train Patch-DiT + texture encoder on 8 fixed (y0, x0) patches with the trainer's loss and time
+    """Train Patch-DiT + texture encoder on 4 fixed (y0, x0) patches with the trainer's loss and time
     steps, then sample each group with ``pgs.sample_group`` from y_tau (Eq. 7): the sampled x0 must be
     closer to the true x0 than the coarse y0 it started from."""
     model = _model(seed=3)
@@ -96,19 +96,20 @@ def test_patch_dit_with_the_real_pgs_sampler_beats_y0_for_every_group() -> None:
     schedule = NoiseSchedule(config=cfg.sampler)
     c, v, k = cfg.patch_dit.latent_channels, cfg.sampler.patch_size, cfg.texture_encoder.top_k
     g = torch.Generator().manual_seed(0)
-    x0 = F.interpolate(torch.randn(8, c, 4, 4, generator=g), size=v, mode="bilinear", align_corners=False)
-    y0 = x0 + 0.5 * F.interpolate(torch.randn(8, c, 2, 2, generator=g), size=v, mode="bilinear",
+    p = 4
+    x0 = F.interpolate(torch.randn(p, c, 4, 4, generator=g), size=v, mode="bilinear", align_corners=False)
+    y0 = x0 + 0.5 * F.interpolate(torch.randn(p, c, 2, 2, generator=g), size=v, mode="bilinear",
                                   align_corners=False)  # a coarse estimate: x0 plus a smooth error
-    values = torch.randn(8, k, c, v, v, generator=g)  # a fixed texture prior per patch
-    scores = torch.rand(8, k, generator=g)
+    values = torch.randn(p, k, c, v, v, generator=g)  # a fixed texture prior per patch
+    scores = torch.rand(p, k, generator=g)
     denoiser = TextureDenoiser(patch_dit=model.patch_dit, texture_encoder=model.texture_encoder)
     denoiser.requires_grad_(True).train()
     opt = torch.optim.Adam(denoiser.parameters(), lr=2e-3)
     t_choices = sampler_times(cfg, "sampler")
     reps = 4  # every patch at 4 random times per step
-    for _ in range(300):
-        t = sample_timesteps(8 * reps, t_choices, schedule.num_train_timesteps, g)
-        eps = torch.randn(8 * reps, c, v, v, generator=g)
+    for _ in range(100):  # measured: the error ratio is 0.08-0.14 after 100 steps, 0.37-0.54 after 50
+        t = sample_timesteps(p * reps, t_choices, schedule.num_train_timesteps, g)
+        eps = torch.randn(p * reps, c, v, v, generator=g)
         x0_r, y0_r = x0.repeat(reps, 1, 1, 1), y0.repeat(reps, 1, 1, 1)
         x_t = schedule.q_sample(x0_r, t, eps)
         out = denoiser(x_t, t.float(), y0_r, values.repeat(reps, 1, 1, 1, 1), scores.repeat(reps, 1))
@@ -117,7 +118,7 @@ def test_patch_dit_with_the_real_pgs_sampler_beats_y0_for_every_group() -> None:
         loss.backward()
         opt.step()
     denoiser.eval()
-    idx = torch.arange(8)
+    idx = torch.arange(p)
     with torch.no_grad():
         prompts = model.texture_encoder(values, scores)
 
