@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
         os.environ.setdefault("AWS_ENDPOINT_URL", args.s3_endpoint)
     sources = check_unique(args.add_source or args.source)
     if not ray.is_initialized():
-        ray.init(address=args.address, log_to_driver=False)
+        ray.init(address=args.address or "local", log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = not args.no_progress
     cfg = BuildConfig(
         sources=sources, out=args.out, weights=args.weights, incremental=bool(args.add_source),
