@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import os
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -137,17 +138,18 @@ class Stages:
                           score=False),
         ]
 
-    def run(self, sources: list[str], input_root: str, output_root: str) -> list[dict]:
+    def run(self, sources: list[str], input_root: str, output_root: str,
+            before_assemble: Callable[[], None] | None = None) -> list[dict]:
+        """Manifest rows of ``sources``; ``before_assemble()`` runs between Patch-DiT and the assembler."""
         outputs = plan_outputs(sources, input_root, output_root, EXTENSIONS[self.fmt])
-        rows = []
-        for source in sources:
-            meta = S.new_meta(source=source, output=outputs[source])
-            batch = {S.IMAGE_ID: S.object_column([S.image_id(source)]),
-                     S.META: S.object_column([S.dump_meta(meta)])}
-            for stage in self.stages:
-                batch = stage(batch)
-            rows += [dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)]
-        return rows
+        batches = [{S.IMAGE_ID: S.object_column([S.image_id(s)]),
+                    S.META: S.object_column([S.dump_meta(S.new_meta(source=s, output=outputs[s]))])}
+                   for s in sources]  # one image per batch, every stage over all images in turn
+        for stage in self.stages:
+            if stage is self.stages[-1] and before_assemble is not None:
+                before_assemble()
+            batches = [stage(batch) for batch in batches]
+        return [dict(zip(b, row, strict=True)) for b in batches for row in zip(*b.values(), strict=True)]
 
 
 def read_rgb(data: bytes) -> np.ndarray:
