@@ -165,7 +165,12 @@ def run(args: argparse.Namespace) -> int:
 
 def _load(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
     """(PatchScaler, its versions); any failure is a ``UsageError`` (a bad checkpoint is a config error)."""
+    import logging
     from dataclasses import replace
+
+    # diffusers imports bitsandbytes, whose CPU backend warns at import about an optional kernel package
+    # that this project never uses: not the user's concern
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
     from jobs.defaults import pick_device
     from patchscaler.upscaler import PatchScaler
