@@ -98,6 +98,8 @@ def plan(args: argparse.Namespace) -> tuple[list[tuple[str, str]], str]:
         return [(src, dst)], fmt
     if os.path.isfile(dst):
         raise UsageError(f"output {args.output} is a file; give a folder for {args.input}")
+    if dst == src:
+        raise UsageError(f"the output folder must differ from the input folder ({args.input})")
     fmt = args.fmt or "png"
     try:
         sources = [s for s in list_files(src, {}) if not s.startswith(dst + os.sep)]
