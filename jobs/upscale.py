@@ -110,10 +110,16 @@ def plan(args: argparse.Namespace) -> tuple[list[tuple[str, str]], str]:
 
 
 class Progress:
-    """Progress of one image on stderr: a tqdm bar of patch-steps on a terminal, else one line."""
+    """Progress of one image on stderr: on a terminal a status line while the image is encoded and the
+    GRM runs, then a tqdm bar of patch-steps with ETA; otherwise one line when sampling starts."""
 
     def __init__(self, label: str, *, tty: bool) -> None:
         self.label, self.tty, self.bar = label, tty, None
+
+    def start(self) -> None:
+        if self.tty:
+            print(f"\r{self.label}: encoding, GRM, texture retrieval ...", end="", file=sys.stderr,
+                  flush=True)
 
     def __call__(self, done: int, total: int) -> None:
         if self.bar is None:
@@ -125,15 +131,18 @@ class Progress:
 
             self.bar = tqdm(total=total, desc=self.label, unit="step", file=sys.stderr, leave=False,
                             dynamic_ncols=True, bar_format="{desc}: {percentage:3.0f}%|{bar}| "
-                            "{n_fmt}/{total_fmt} patch-steps [{elapsed}<{remaining}]")
+                            "{n_fmt}/{total_fmt} patch-steps [{elapsed}<{remaining}{postfix}]")
         if self.bar:
             self.bar.update(done - self.bar.n)
             if done == total:
-                self.bar.set_postfix_str("decoding", refresh=True)
+                self.bar.set_postfix_str("decoding the image", refresh=True)
 
     def close(self) -> None:
+        """Clear the bar or status line (the image's JSON line follows on stdout)."""
         if self.bar:
             self.bar.close()
+        elif self.tty:
+            print("\r\033[K", end="", file=sys.stderr, flush=True)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -211,6 +220,7 @@ def upscale_one(upscaler: Any, source: str, output: str, *, args: argparse.Names
         dec = decode_image(data, max_pixels=args.max_pixels)
         stage = "upscale"
         start = time.perf_counter()
+        progress.start()
         try:
             result = upscaler.upscale(to_float(dec.rgb), generator=torch.Generator().manual_seed(args.seed),
                                       progress=progress)
