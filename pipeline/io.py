@@ -64,7 +64,7 @@ TRANSIENT_ERRNOS = frozenset(getattr(errno, name) for name in (
     "EAGAIN", "EBUSY", "EINTR", "ETIMEDOUT", "ECONNRESET", "ECONNREFUSED", "ECONNABORTED", "EPIPE",
     "ENETDOWN", "ENETUNREACH", "ENETRESET", "EHOSTDOWN", "EHOSTUNREACH", "ESTALE", "EREMOTEIO",
 ) if hasattr(errno, name))
-THROTTLING_CODES = frozenset((
+TRANSIENT_CODES = frozenset((
     "SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded", "TooManyRequests",
     "RequestTimeout", "RequestTimeoutException", "InternalError", "ServiceUnavailable",
 ))
@@ -114,7 +114,7 @@ def is_transient(exc: BaseException) -> bool:
         if response and isinstance(exc, response):
             info = getattr(exc, "response", None) or {}
             status = int(info.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
-            return status >= 500 or status == 429 or info.get("Error", {}).get("Code") in THROTTLING_CODES
+            return status >= 500 or status == 429 or info.get("Error", {}).get("Code") in TRANSIENT_CODES
         exc, seen = exc.__cause__, seen + 1
     return False
 
