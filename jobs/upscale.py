@@ -149,12 +149,13 @@ def run(args: argparse.Namespace) -> int:
     try:
         jobs, fmt = plan(args)
         check_model_files(args.weights, args.rtm, args.autoencoder)
+        if not jobs:
+            print(f"patchscaler upscale: no files in {args.input}", file=sys.stderr)
+            return 0
         upscaler, info = _load(args)
     except UsageError as exc:
         print(f"patchscaler upscale: error: {exc}", file=sys.stderr)
         return 2
-    if not jobs:
-        print(f"patchscaler upscale: no files in {args.input}", file=sys.stderr)
     outputs = {out for _, out in jobs}
     failures = done = 0
     tty = sys.stderr.isatty()

@@ -152,6 +152,7 @@ def test_usage_errors_are_one_line_and_exit_2_before_torch_loads(data, tmp_path)
          "missing config.json, model.safetensors"),
         ([image, str(tmp_path / "o"), "--weights", data.weights, "--rtm", data.weights], "not an RTM folder"),
         ([image, str(tmp_path / "o.gif")], "unknown image extension '.gif'"),
+        ([str(data.inputs), str(data.inputs)], "the output folder must differ from the input folder"),
     ]
     for argv, message in cases:
         proc = _cli(*argv)
@@ -159,6 +160,13 @@ def test_usage_errors_are_one_line_and_exit_2_before_torch_loads(data, tmp_path)
         assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("patchscaler upscale: error: ")
         assert message in proc.stderr
         assert proc.stdout.strip() == "torch not loaded"
+
+
+def test_an_empty_folder_is_not_an_error(tmp_path) -> None:
+    (tmp_path / "empty").mkdir()
+    proc = _cli(str(tmp_path / "empty"), str(tmp_path / "o"))
+    assert proc.returncode == 0 and proc.stderr.startswith("patchscaler upscale: no files in ")
+    assert proc.stdout.strip() == "torch not loaded"
 
 
 def test_a_broken_checkpoint_is_a_one_line_error(data, tmp_path) -> None:
