@@ -5,9 +5,10 @@ output extension. The common case keeps the input's path: ``a/b.jpg`` -> ``a/b.p
 
 **No two inputs share an output**, not even on a file system that confuses names: two outputs never
 differ only in letter case, in Unicode normalisation (NFC ``é`` vs NFD ``e`` + combining accent) or in
-trailing dots and spaces of a name (which Windows drops). Such inputs are *distinct* files (S3 and Linux
-keep them apart), so each gets its own output; none is refused. An output file never has the name of an
-output folder either (``a.jpg`` -> ``a.png`` beside a folder ``a.png/``).
+trailing dots and spaces of a name (which Windows drops). Decision: such inputs (e.g. the NFC and the
+NFD spelling of ``café.png``) are *distinct* files — S3 and Linux keep them apart — so each gets its own
+output; none is refused. An output file never has the name of an output folder either (``a.jpg`` does
+not become ``a.png`` when there is an input folder ``a.png/``).
 
 When several inputs want one name (their ``fold`` is equal), names are tried in this order, and a name is
 given only to an input that is alone in wanting it and finds it free:
@@ -16,7 +17,7 @@ given only to an input that is alone in wanting it and finds it free:
    already has this very name, ``a.png`` for ``a.png``, it keeps it);
 2. the whole name plus the new extension: ``a.jpg`` -> ``a.jpg.png``;
 3. the stem plus ``~`` and 8 hex digits of the SHA-256 of the input's exact relative path:
-   ``a~1f3e9c2b.png`` (``in//x.png`` and ``in/x.png`` differ there, so they get different digits);
+   ``a~1f3e9c2b.png`` (the exact path: ``in//x.png`` and ``in/x.png`` get different digits);
 4. that name plus ``~2``, ``~3``, ... in the inputs' sorted order, until one is free (never needed in
    practice; it makes the mapping injective by construction).
 
