@@ -66,6 +66,11 @@ class UnreadableImage(ValueError):
     """Bytes that are not an image Pillow can decode: empty, truncated, corrupt or another format."""
 
 
+class NotAnImage(UnreadableImage, UnidentifiedImageError):
+    """Bytes in no image format Pillow knows (still a Pillow ``UnidentifiedImageError`` for callers that
+    tell that case apart, e.g. ``rtm_builder``'s skip reasons)."""
+
+
 @dataclass
 class Decoded:
     rgb: np.ndarray  # (h, w, 3) uint8 or uint16
@@ -123,7 +128,7 @@ def decode_image(data: bytes, *, max_pixels: int) -> Decoded:
     except Image.DecompressionBombError as exc:  # over Pillow's own limit, before ours is checked
         raise ImageTooLarge(_clean(str(exc))) from None
     except UnidentifiedImageError:
-        raise UnreadableImage("not an image, or an image format Pillow cannot read") from None
+        raise NotAnImage("not an image, or an image format Pillow cannot read") from None
     except MemoryError:
         raise
     except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError, EOFError, ... here

@@ -70,7 +70,8 @@ def test_upscale_writes_what_the_pipeline_writes(data, capsys) -> None:
     for name in BAD:  # the same one-line error naming the file, without Pillow's BytesIO repr
         line = by_input[name]
         assert line["status"] == "error" and line["error"] == rows[name]["error"]
-        assert line["error"].startswith(f"decode: {data.inputs / name}: UnreadableImage: ")
+        kind = "UnreadableImage: empty file" if name == "empty.png" else "NotAnImage: not an image"
+        assert line["error"].startswith(f"decode: {data.inputs / name}: {kind}")
         assert "BytesIO" not in line["error"]
     for name in NAMES:
         line, row = by_input[name], rows[name]
