@@ -10,6 +10,7 @@ Each arrow is one function below, so ``pipeline/stages.py`` runs exactly this co
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -19,8 +20,11 @@ from patchscaler.autoencoder import upscale_input
 from patchscaler.diffusion import NoiseSchedule
 from patchscaler.model import PatchScalerModel
 from patchscaler.patching import PatchGrid, merge_patches, patch_means, plan_grid, split_patches
-from patchscaler.pgs import GROUP_NAMES, assign_groups, group_plan, pgs_sample
+from patchscaler.pgs import GROUP_NAMES, Denoiser, assign_groups, count_patch_steps, group_plan, pgs_sample
 from patchscaler.rtm import ReferenceTextureMemory
+
+# progress(done, total): patch-steps (one patch through one Patch-DiT call) done so far, of all
+Progress = Callable[[int, int], None]
 
 
 @dataclass
@@ -105,6 +109,22 @@ def texture_prompts(
     return model.texture_encoder(values.to(device), scores.to(device))
 
 
+def _counting(denoise: Denoiser, total: int, progress: Progress) -> Denoiser:
+    """``denoise`` reporting ``progress(done, total)`` once before the first call and after each call,
+    ``done`` counting patch-steps (rows denoised)."""
+    done = 0
+    progress(0, total)
+
+    def counted(x_t: torch.Tensor, t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        nonlocal done
+        eps = denoise(x_t, t, idx)
+        done += len(idx)
+        progress(done, total)
+        return eps
+
+    return counted
+
+
 @torch.no_grad()
 def refine(
     model: PatchScalerModel,
@@ -116,11 +136,13 @@ def refine(
     *,
     schedule: NoiseSchedule,
     batch_size: int | None = None,
+    progress: Progress | None = None,
 ) -> torch.Tensor:
     """Patch-adaptive Group Sampling with Patch-DiT over one set of patches -> x0 patches (M, 4, V, V).
 
     The texture prompt of every patch is computed once (it does not depend on t) and looked up by index
-    at each DDIM step."""
+    at each DDIM step. ``progress(done, total)`` is called before the first step and after every
+    Patch-DiT call, in patch-steps (``pgs.count_patch_steps``)."""
     cfg = model.config.sampler
     bs = batch_size or cfg.batch_size
     device = next(model.patch_dit.parameters()).device
@@ -133,6 +155,8 @@ def refine(
         idx = idx.to(device)
         return model.patch_dit(x_t.to(device), t.to(device), y0_dev[idx], prompts[idx]).to(x_t.device)
 
+    if progress is not None:
+        denoise = _counting(denoise, count_patch_steps(groups, group_plan(cfg)), progress)
     return pgs_sample(
         denoise, y0, groups, noise, schedule=schedule, plan=group_plan(cfg), batch_size=bs
     )
@@ -175,8 +199,10 @@ class PatchScaler:
         self.schedule = NoiseSchedule(config=model.config.sampler)
 
     @torch.no_grad()
-    def upscale(self, image: torch.Tensor, *, generator: torch.Generator) -> UpscaleResult:
-        """(3, h, w) in [0, 1] -> ``UpscaleResult`` with the (3, scale*h, scale*w) image."""
+    def upscale(self, image: torch.Tensor, *, generator: torch.Generator, progress: Progress | None = None
+                ) -> UpscaleResult:
+        """(3, h, w) in [0, 1] -> ``UpscaleResult`` with the (3, scale*h, scale*w) image.
+        ``progress(done, total)``: Patch-DiT patch-steps done of all, after each model call (``refine``)."""
         if image.ndim != 3 or image.shape[0] != 3:
             raise ValueError(f"expected an RGB image tensor (3, h, w), got {tuple(image.shape)}")
         y_hr, conf = restore(self.model, image)
@@ -184,7 +210,7 @@ class PatchScaler:
         scores, idx = retrieve(self.model, self.rtm, plan.patches)
         x0 = refine(
             self.model, plan.patches, plan.groups, plan.noise, self.rtm.gather(idx), scores,
-            schedule=self.schedule,
+            schedule=self.schedule, progress=progress,
         )
         out = finish(self.model, x0, plan.grid, (image.shape[-2], image.shape[-1]))
         return UpscaleResult(

@@ -22,6 +22,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from pipeline.io import one_line, refusal
+
 # --- columns -------------------------------------------------------------------------------------------
 IMAGE_ID = "image_id"
 META = "meta"  # JSON string, see new_meta()
@@ -55,6 +57,7 @@ ROW_COLUMNS = (IMAGE_ID, PATCH_INDEX, GROUP, Y0, NOISE, SCORES, RTM_IDX, X0, SEC
 REFINED_COLUMNS = [IMAGE_ID, PATCH_INDEX, GROUP, X0, SECONDS, ERROR, META, ALPHA, ICC, EXIF]
 
 STAGES = ("read", "decode", "grm", "dit", "assemble", "write")
+PLAN = "plan"  # the stage named in the error of an input refused by ``io.plan_outputs`` (no seconds)
 STATUS_OK = "ok"
 STATUS_ERROR = "error"
 
@@ -90,8 +93,9 @@ def image_id(source: str) -> str:
 
 def new_meta(*, source: str, output: str, map_uri: str = "", eval_info: dict[str, str] | None = None
              ) -> dict[str, Any]:
-    """The ``meta`` dict an image starts with; stages fill in the rest."""
-    return {
+    """The ``meta`` dict an image starts with; stages fill in the rest. An ``output`` that
+    ``io.plan_outputs`` refused (``io.REFUSED`` + reason) makes it an error row from the start."""
+    meta = {
         "source": source,
         "output": output,
         "status": STATUS_OK,
@@ -109,6 +113,15 @@ def new_meta(*, source: str, output: str, map_uri: str = "", eval_info: dict[str
         "map": map_uri,  # where the GRM stage writes the group map (``--maps``), "" for none
         "eval": eval_info or {},  # scoring info (``--score``): image_id, dataset, hr, lr
     }
+    reason = refusal(output)
+    if reason is not None:
+        meta["output"] = meta["map"] = ""
+        fail(meta, PLAN, UnsafeOutput(reason), subject=source)
+    return meta
+
+
+class UnsafeOutput(ValueError):
+    """An input refused by ``io.plan_outputs`` (its output would not be a file inside the output root)."""
 
 
 def dump_meta(meta: dict[str, Any]) -> str:
@@ -119,11 +132,19 @@ def load_meta(text: str) -> dict[str, Any]:
     return json.loads(text)
 
 
-def fail(meta: dict[str, Any], stage: str, exc: BaseException) -> dict[str, Any]:
-    """Mark ``meta`` as an error row, naming the stage and the exception."""
+def fail(meta: dict[str, Any], stage: str, exc: BaseException, *, subject: str = "") -> dict[str, Any]:
+    """Mark ``meta`` as an error row: one line ``stage: [subject: ]Type: message``. ``subject`` is the
+    file the error is about (the source, or the output being written) when the message does not name
+    it already."""
     meta["status"] = STATUS_ERROR
-    meta["error"] = f"{stage}: {type(exc).__name__}: {exc}"
+    meta["error"] = error_text(stage, exc, subject=subject)
     return meta
+
+
+def error_text(stage: str, exc: BaseException, *, subject: str = "") -> str:
+    """``stage: [subject: ]Type: message`` on one line (``subject`` left out when the message names it)."""
+    text = one_line(exc)
+    return f"{stage}: {subject}: {text}" if subject and subject not in text else f"{stage}: {text}"
 
 
 def object_column(values: list[Any]) -> np.ndarray:

@@ -26,7 +26,7 @@ from patchscaler.pgs import group_plan
 from patchscaler.upscaler import finish, group_map, plan_patches, refine, restore, retrieve, texture_prompts
 from patchscaler.weights import load_checkpoint, load_rtm
 from pipeline import schema as S
-from pipeline.decode import decode_image, encode_group_map, encode_image, to_float, to_uint8, upscale_alpha
+from pipeline.decode import GREY_MODES, decode_image, encode_group_map, encode_output, to_float, to_uint8
 from pipeline.io import read_bytes, write_bytes_atomic
 
 Batch = dict[str, np.ndarray]
@@ -45,7 +45,8 @@ def _metas(batch: Batch) -> list[dict[str, Any]]:
 
 
 class ReadStage:
-    """Read each source file's bytes (CPU tasks): adds ``data``."""
+    """Read each source file's bytes (CPU tasks): adds ``data``. Rows that are already errors (an input
+    ``plan_outputs`` refused) are not read. Transient storage errors are retried (``io.retrying``)."""
 
     def __init__(self, *, storage_options: dict[str, Any]) -> None:
         self.storage_options = storage_options
@@ -54,12 +55,13 @@ class ReadStage:
         metas, data = _metas(batch), []
         for meta in metas:
             start = time.perf_counter()
-            try:
-                blob = read_bytes(meta["source"], self.storage_options)
-                meta["bytes_in"] = len(blob)
-            except Exception as exc:  # a missing/unreadable object is this image's error, not the job's
-                S.fail(meta, "read", exc)
-                blob = b""
+            blob = b""
+            if meta["status"] == S.STATUS_OK:
+                try:
+                    blob = read_bytes(meta["source"], self.storage_options)
+                    meta["bytes_in"] = len(blob)
+                except Exception as exc:  # a missing/unreadable object is this image's error, not the job's
+                    S.fail(meta, "read", exc, subject=meta["source"])
             meta["seconds"]["read"] = time.perf_counter() - start
             data.append(blob)
         return {S.IMAGE_ID: batch[S.IMAGE_ID], S.META: S.object_column([S.dump_meta(m) for m in metas]),
@@ -85,7 +87,7 @@ class DecodeStage:
                     px, c, e = dec.rgb.tobytes(), dec.icc, dec.exif
                     a = dec.alpha.tobytes() if dec.alpha is not None else b""
                 except Exception as exc:  # corrupt, empty, not an image, too large
-                    S.fail(meta, "decode", exc)
+                    S.fail(meta, "decode", exc, subject=meta["source"])
             meta["seconds"]["decode"] = time.perf_counter() - start
             pixels.append(px)
             alpha.append(a)
@@ -144,8 +146,9 @@ class GRMStage:
         self.rtm, manifest = load_rtm(rtm, use_gpu=device.startswith("cuda"))
         self.rtm_version = str(manifest.get("version", ""))
         self.seed = seed
-        v, k = self.model.config.sampler.patch_size, self.model.config.texture_encoder.top_k
-        self.empty = {S.Y0: np.zeros((0, 4, v, v), np.float32), S.NOISE: np.zeros((0, 4, v, v), np.float32),
+        cfg = self.model.config
+        c, v, k = cfg.latent_channels, cfg.sampler.patch_size, cfg.texture_encoder.top_k
+        self.empty = {S.Y0: np.zeros((0, c, v, v), np.float32), S.NOISE: np.zeros((0, c, v, v), np.float32),
                       S.SCORES: np.zeros((0, k), np.float32), S.RTM_IDX: np.zeros((0, k), np.int64),
                       S.GROUP: np.zeros((0,), np.int64)}
 
@@ -295,8 +298,10 @@ class PatchDiTStage:
 
 class AssembleStage:
     """Per image of a block: merge the refined patches (feathered overlaps), decode (tiled when large),
-    recombine alpha, encode, write atomically; returns the images' manifest rows. With ``score`` the rows
-    also carry the written bytes and the scoring info to the scoring pool (``schema.ENCODED``/``EVAL``)."""
+    encode as ``patchscaler upscale`` does (``decode.encode_output``: alpha, grey, ICC, EXIF), write
+    atomically; returns the images' manifest rows. A failed write (after ``io.retrying``'s attempts) is
+    that image's error row (stage ``write``), never a failed actor. With ``score`` the rows also carry the
+    written bytes and the scoring info to the scoring pool (``schema.ENCODED``/``EVAL``)."""
 
     def __init__(self, *, weights: str, device: str, autoencoder: str | None, fmt: str, quality: int,
                  storage_options: dict[str, Any], sampling: str, seed: int, score: bool) -> None:
@@ -306,7 +311,8 @@ class AssembleStage:
         self.sampling, self.seed = sampling, seed
         self.score = score
 
-    def _write(self, meta: dict[str, Any], rows: Batch, head: int) -> tuple[tuple[int, int], bytes]:
+    def _assemble(self, meta: dict[str, Any], rows: Batch, head: int) -> tuple[tuple[int, int], bytes]:
+        """The image's patches -> ((H, W), the output file's bytes)."""
         patch_rows = np.flatnonzero(rows[S.PATCH_INDEX] != S.IMAGE_ROW)
         patch_rows = patch_rows[np.argsort(rows[S.PATCH_INDEX][patch_rows], kind="stable")]
         found = rows[S.PATCH_INDEX][patch_rows]
@@ -321,17 +327,13 @@ class AssembleStage:
         grid = plan_grid(*meta["latent"], patch=cfg.sampler.patch_size, overlap=cfg.sampler.overlap)
         x0 = torch.from_numpy(np.ascontiguousarray(rows[S.X0][patch_rows]))  # (M, 4, V, V)
         rgb = to_uint8(finish(self.model, x0, grid, tuple(meta["shape"])))  # (H, W, 3)
-        meta["seconds"]["assemble"] = time.perf_counter() - start
-        start = time.perf_counter()
-        alpha = None
+        lr_alpha = None
         if len(rows[S.ALPHA][head]):
-            h, w = meta["shape"]
-            lr_alpha = np.frombuffer(bytes(rows[S.ALPHA][head]), np.uint8).reshape(h, w)
-            alpha = upscale_alpha(lr_alpha, cfg.scale)
-        data = encode_image(rgb, alpha, fmt=self.fmt, quality=self.quality,
-                            icc=bytes(rows[S.ICC][head]), exif=bytes(rows[S.EXIF][head]))
-        write_bytes_atomic(meta["output"], data, self.storage_options)
-        meta["seconds"]["write"] = time.perf_counter() - start
+            lr_alpha = np.frombuffer(bytes(rows[S.ALPHA][head]), np.uint8).reshape(*meta["shape"])  # (h, w)
+        data = encode_output(rgb, lr_alpha, grey=meta["mode_in"] in GREY_MODES, scale=cfg.scale,
+                             fmt=self.fmt, quality=self.quality, icc=bytes(rows[S.ICC][head]),
+                             exif=bytes(rows[S.EXIF][head]))
+        meta["seconds"]["assemble"] = time.perf_counter() - start
         return (rgb.shape[0], rgb.shape[1]), data
 
     def _one(self, rows: Batch) -> tuple[dict[str, Any], bytes, str]:
@@ -340,10 +342,18 @@ class AssembleStage:
         shape, data = (0, 0), b""
         if meta["status"] == S.STATUS_OK:
             try:
-                shape, data = self._write(meta, rows, head)
+                shape, data = self._assemble(meta, rows, head)
             except Exception as exc:
-                S.fail(meta, "assemble", exc)
-                data = b""
+                S.fail(meta, "assemble", exc, subject=meta["source"])
+        if meta["status"] == S.STATUS_OK:
+            start = time.perf_counter()
+            try:
+                write_bytes_atomic(meta["output"], data, self.storage_options)
+            except Exception as exc:  # storage down, permission denied: this image's error row
+                S.fail(meta, "write", exc, subject=meta["output"])
+            meta["seconds"]["write"] = time.perf_counter() - start
+        if meta["status"] != S.STATUS_OK:
+            shape, data = (0, 0), b""
         row = S.manifest_row(meta, image_id_=str(rows[S.IMAGE_ID][head]), sampling=self.sampling,
                              seed=self.seed, finished_at=time.time(), out_shape=shape, bytes_out=len(data))
         return row, data, json.dumps(meta.get("eval") or {})

@@ -61,6 +61,7 @@ def ray_session():
 
     if not ray.is_initialized():
         ray.init(
+            address="local",  # a private instance, never another process's Ray on this machine
             num_cpus=4,
             include_dashboard=False,
             log_to_driver=False,

@@ -1,11 +1,13 @@
 """Test data for the pipeline tests: a folder of small images of mixed sizes, modes and formats (plus a
 corrupt, an empty and a non-image file), a tiny checkpoint whose group thresholds split those images'
-patches into all three groups, and the single-process reference output of an input."""
+patches into all three groups, the single-process reference output of an input, and the pipeline's
+stages chained in this process (no Ray)."""
 
 from __future__ import annotations
 
 import io
 import os
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -16,10 +18,14 @@ from PIL import Image, ImageCms
 
 from patchscaler.upscaler import PatchScaler, plan_patches, restore
 from patchscaler.weights import load_checkpoint, load_rtm, save_checkpoint, save_rtm
-from pipeline.decode import decode_image, to_float, to_uint8
+from pipeline import schema as S
+from pipeline.decode import EXTENSIONS, decode_image, to_float, to_grey, to_uint8
+from pipeline.io import plan_outputs
+from pipeline.stages import AssembleStage, DecodeStage, GRMStage, PatchDiTStage, ReadStage
 
 BAD_FILES = ("corrupt.png", "empty.png", "notes.txt")
 ALPHA_FILES = ("rgba.png", "la.png", "p_transparent.png", "rgba_webp.webp")
+GREY_FILES = ("grey.png", "grey16.png", "la.png")  # written back as grey: L, L, LA
 
 
 def _noise(h: int, w: int, seed: int) -> np.ndarray:
@@ -100,17 +106,50 @@ def make_assets(folder: Path, images: Path, names: list[str]) -> tuple[str, str]
 
 def reference_images(weights: str, rtm: str, images: Path, names: list[str], seed: int,
                      mode: str | None = None) -> dict[str, np.ndarray]:
-    """The single-process reference upscaler's output (H, W, 3) uint8 per input, same seed."""
+    """The single-process reference upscaler's output (H, W, 3) uint8 per input, same seed, as it reads
+    back from the written file: grey inputs are written as grey (luma replicated by ``read_rgb``)."""
     model = load_checkpoint(weights)
     if mode:
         model.config = model.config.replace(sampler=replace(model.config.sampler, mode=mode))
     upscaler = PatchScaler(model=model, rtm=load_rtm(rtm)[0])
     out = {}
     for name in names:
-        image = to_float(decode_image((images / name).read_bytes(), max_pixels=1 << 24).rgb)
-        result = upscaler.upscale(image, generator=torch.Generator().manual_seed(seed))
-        out[name] = to_uint8(result.image)
+        dec = decode_image((images / name).read_bytes(), max_pixels=1 << 24)
+        result = upscaler.upscale(to_float(dec.rgb), generator=torch.Generator().manual_seed(seed))
+        rgb = to_uint8(result.image)  # (H, W, 3)
+        out[name] = np.repeat(to_grey(rgb)[:, :, None], 3, axis=2) if dec.grey else rgb
     return out
+
+
+class Stages:
+    """The pipeline's stages chained in this process, one image per batch, the per-group Patch-DiT pools
+    in order (as ``build.py`` chains them, without Ray): ``run`` returns the manifest rows."""
+
+    def __init__(self, *, weights: str, rtm: str, seed: int, fmt: str = "png",
+                 storage_options: dict | None = None) -> None:
+        opts = storage_options or {}
+        model = {"weights": weights, "device": "cpu", "autoencoder": None}
+        self.fmt = fmt
+        self.stages = [
+            ReadStage(storage_options=opts), DecodeStage(max_pixels=1 << 24),
+            GRMStage(**model, rtm=rtm, seed=seed, mode=None, storage_options=opts),
+            *[PatchDiTStage(**model, rtm=rtm, mode=None, group=g) for g in range(3)],
+            AssembleStage(**model, fmt=fmt, quality=95, storage_options=opts, sampling="test", seed=seed,
+                          score=False),
+        ]
+
+    def run(self, sources: list[str], input_root: str, output_root: str,
+            before_assemble: Callable[[], None] | None = None) -> list[dict]:
+        """Manifest rows of ``sources``; ``before_assemble()`` runs between Patch-DiT and the assembler."""
+        outputs = plan_outputs(sources, input_root, output_root, EXTENSIONS[self.fmt])
+        batches = [{S.IMAGE_ID: S.object_column([S.image_id(s)]),
+                    S.META: S.object_column([S.dump_meta(S.new_meta(source=s, output=outputs[s]))])}
+                   for s in sources]  # one image per batch, every stage over all images in turn
+        for stage in self.stages:
+            if stage is self.stages[-1] and before_assemble is not None:
+                before_assemble()
+            batches = [stage(batch) for batch in batches]
+        return [dict(zip(b, row, strict=True)) for b in batches for row in zip(*b.values(), strict=True)]
 
 
 def read_rgb(data: bytes) -> np.ndarray:

@@ -13,7 +13,16 @@ from PIL import Image
 
 from pipeline import schema as S
 from pipeline.build import dit_pool_sizes
-from pipeline.decode import ImageTooLarge, decode_image, encode_image, to_float, upscale_alpha
+from pipeline.decode import (
+    ImageTooLarge,
+    UnreadableImage,
+    decode_image,
+    encode_image,
+    encode_output,
+    to_float,
+    to_grey,
+    upscale_alpha,
+)
 from pipeline.io import plan_outputs, remove_partials, write_bytes_atomic
 from pipeline.runner import consolidate, finished_ids, write_part
 
@@ -79,8 +88,12 @@ def test_decode_exif_orientation_icc_and_limits() -> None:
         decode_image(_png(im), max_pixels=27)
     with pytest.raises(ValueError, match="empty"):
         decode_image(b"", max_pixels=100)
-    with pytest.raises(OSError):
+    with pytest.raises(UnreadableImage, match=r"^corrupt or truncated image \(") as truncated:
         decode_image(b"\x89PNG\r\n\x1a\nnot really", max_pixels=100)
+    with pytest.raises(UnreadableImage, match="not an image") as text:
+        decode_image(b"just some text\n", max_pixels=100)
+    for exc in (truncated.value, text.value):  # one line, and no "<_io.BytesIO object at 0x...>"
+        assert "BytesIO" not in str(exc) and "\n" not in str(exc)
 
 
 def test_encode_keeps_alpha_icc_exif() -> None:
@@ -109,10 +122,37 @@ def test_plan_outputs_and_collisions(tmp_path) -> None:
     sources = [f"{root}/a.png", f"{root}/a.jpg", f"{root}/b.tif", f"{root}/sub/c.png"]
     out = plan_outputs(sources, root, "/o", "png")
     assert out[f"{root}/b.tif"] == "/o/b.png" and out[f"{root}/sub/c.png"] == "/o/sub/c.png"
-    assert out[f"{root}/a.png"] == "/o/a.png.png" and out[f"{root}/a.jpg"] == "/o/a.jpg.png"
+    # a.png already has the name both want: it keeps it, a.jpg keeps its extension in the name
+    assert out[f"{root}/a.png"] == "/o/a.png" and out[f"{root}/a.jpg"] == "/o/a.jpg.png"
     s3 = plan_outputs(["s3://b/in/x.jpg"], "s3://b/in", "s3://b/out", "webp")
     assert s3 == {"s3://b/in/x.jpg": "s3://b/out/x.webp"}
     assert S.image_id("s3://b/in/x.jpg") == S.image_id("s3://b/in/x.jpg") != S.image_id("s3://b/in/y.jpg")
+
+
+def test_grey_inputs_come_back_grey_without_a_colour_cast() -> None:
+    """Grey inputs (L, LA, 16-bit) are written as grey: the model's RGB output becomes luma, whatever
+    colour it drifted to; a GRAY ICC profile is kept for them, an RGB one for colour outputs."""
+    rng = np.random.default_rng(2)
+    tinted = rng.integers(0, 256, (8, 12, 3), dtype=np.uint8)  # a model output with a colour cast
+    grey_icc = _srgb_icc()[:16] + b"GRAY" + _srgb_icc()[20:]
+    alpha = rng.integers(0, 256, (2, 3), dtype=np.uint8)
+    for fmt, mode in (("png", "LA"), ("webp", "RGBA"), ("jpeg", "L")):
+        data = encode_output(tinted, alpha, grey=True, scale=4, fmt=fmt, quality=100, icc=grey_icc, exif=b"")
+        with Image.open(io.BytesIO(data)) as out:
+            assert out.mode == mode and out.size == (12, 8)
+            rgb = np.asarray(out.convert("RGB")).astype(int)
+            assert (rgb.max(axis=2) - rgb.min(axis=2)).max() <= (0 if fmt == "png" else 3)  # no cast
+            if fmt == "png":
+                assert np.array_equal(np.asarray(out)[..., 0], to_grey(tinted))
+                assert np.array_equal(np.asarray(out)[..., 1], upscale_alpha(alpha, 4))
+            assert out.info.get("icc_profile") == (None if fmt == "webp" else grey_icc)  # WebP: RGB
+    colour = encode_output(tinted, None, grey=False, scale=4, fmt="png", quality=95, icc=grey_icc, exif=b"")
+    with Image.open(io.BytesIO(colour)) as out:
+        assert out.mode == "RGB" and np.array_equal(np.asarray(out), tinted) and "icc_profile" not in out.info
+    deep = tinted[..., 0].astype(np.uint16) * 257
+    for grey_file in (Image.fromarray(tinted[..., 0]), Image.fromarray(deep)):
+        dec = decode_image(_png(grey_file, icc_profile=grey_icc), max_pixels=1000)
+        assert dec.grey and dec.icc == grey_icc
 
 
 def test_atomic_write_leaves_no_partial_files(tmp_path, monkeypatch) -> None:
@@ -172,8 +212,9 @@ def test_fused_sampling_equals_per_group_sampling(tiny_model, tiny_rtm) -> None:
     from pipeline.stages import fused_refine, shared_grid
 
     g = torch.Generator().manual_seed(3)
-    y0 = torch.randn(7, 4, 16, 16, generator=g)
-    noise = torch.randn(7, 4, 16, 16, generator=g)
+    c, v = tiny_model.config.latent_channels, tiny_model.config.sampler.patch_size
+    y0 = torch.randn(7, c, v, v, generator=g)
+    noise = torch.randn(7, c, v, v, generator=g)
     groups = torch.tensor([0, 1, 2, 2, 1, 0, 1])
     scores, idx = tiny_rtm.search(tiny_model.classifier.features(y0), 4)
     values = tiny_rtm.gather(idx)

@@ -99,3 +99,20 @@ def test_overlapping_patches_start_from_the_same_noise(tiny_model) -> None:
     assert torch.equal(again.noise, plan.noise)
     other = plan_patches(y_hr, conf, tiny_model, torch.Generator().manual_seed(4))
     assert not torch.equal(other.noise, plan.noise)
+
+
+def test_progress_reports_patch_steps_and_changes_nothing(tiny_model, tiny_rtm) -> None:
+    from patchscaler.pgs import count_patch_steps, group_plan
+
+    image = torch.rand(3, 40, 24, generator=torch.Generator().manual_seed(5))
+    calls: list[tuple[int, int]] = []
+    with_progress = PatchScaler(model=tiny_model, rtm=tiny_rtm).upscale(
+        image, generator=torch.Generator().manual_seed(2), progress=lambda d, t: calls.append((d, t)))
+    plain = _upscale(tiny_model, tiny_rtm, image, seed=2)
+    assert torch.equal(with_progress.image, plain.image)
+    total = count_patch_steps(plain.groups, group_plan(tiny_model.config.sampler))
+    assert total == sum(n * s for n, s in zip(plain.group_counts.values(), tiny_model.config.sampler.steps,
+                                              strict=True))
+    assert calls[0] == (0, total) and calls[-1] == (total, total) and {t for _, t in calls} == {total}
+    done = [d for d, _ in calls]
+    assert done == sorted(done) and len(done) > 2  # one report per Patch-DiT call
