@@ -55,11 +55,13 @@ def tiny_rtm(tiny_model: PatchScalerModel) -> ReferenceTextureMemory:
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """One local Ray instance for the whole test session (a start costs 10-20 s here)."""
+    """One private local Ray instance for the whole test session (a start costs 10-20 s here); never
+    one that another process started on the machine."""
     import ray
 
     if not ray.is_initialized():
         ray.init(
+            address="local",
             num_cpus=4,
             include_dashboard=False,
             log_to_driver=False,

@@ -240,7 +240,7 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
     if cfg.task not in TASKS:
         raise ValueError(f"unknown task {cfg.task!r}; one of {sorted(TASKS)}")
     if not ray.is_initialized():
-        ray.init(address=cfg.address, include_dashboard=False, log_to_driver=True)
+        ray.init(address=cfg.address or "local", include_dashboard=False, log_to_driver=True)
     if cfg.use_gpu is None:
         cfg = dataclasses.replace(cfg, use_gpu=ray.cluster_resources().get("GPU", 0) > 0)
     cfg = absolute_paths(cfg)

@@ -1,0 +1,76 @@
+"""The one progress line of ``upscale-dataset``: images done of the job, ok / failed, rate and ETA.
+
+On a terminal the line is redrawn in place; when stderr is a pipe or a file a new line is printed every
+``interval`` seconds (and one at the end), so a log stays short. Ray Data's own per-operator bars are
+off unless ``--verbose``.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import TextIO
+
+
+def duration(seconds: float) -> str:
+    """``75`` -> ``1m15s``; ``3700`` -> ``1h01m``."""
+    s = round(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+class Progress:
+    def __init__(self, total: int, *, stream: TextIO | None = None, enabled: bool = True,
+                 interval: float = 30.0) -> None:
+        self.total = total
+        self.stream = stream or sys.stderr
+        self.enabled = enabled and total > 0
+        self.tty = self.enabled and self.stream.isatty()
+        self.interval = 0.5 if self.tty else interval
+        self.start = time.monotonic()
+        self.first: float | None = None  # when the first image finished
+        self.last_shown = self.start
+        self.ok = self.failed = 0
+        self.width = 0
+
+    def line(self) -> str:
+        done = self.ok + self.failed
+        text = f"[{done}/{self.total}] {self.ok} ok, {self.failed} failed"
+        elapsed = time.monotonic() - self.start
+        if self.first is not None and done > 1:  # the rate after the first image leaves start-up out
+            rate = (done - 1) / max(time.monotonic() - self.first, 1e-9)
+            text += f", {rate:.2f} images/s"
+            if done < self.total:
+                text += f", ETA {duration((self.total - done) / max(rate, 1e-9))}"
+        return text + f", {duration(elapsed)} elapsed"
+
+    def update(self, ok: int, failed: int, *, force: bool = False) -> None:
+        if ok + failed > self.ok + self.failed and self.first is None:
+            self.first = time.monotonic()
+        self.ok, self.failed = ok, failed
+        now = time.monotonic()
+        if not self.enabled or (not force and now - self.last_shown < self.interval):
+            return
+        self.last_shown = now
+        self._show()
+
+    def _show(self) -> None:
+        text = self.line()
+        if self.tty:
+            self.stream.write("\r" + text.ljust(self.width))
+            self.width = len(text)
+        else:
+            self.stream.write(text + "\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        """The final state; on a terminal, end the redrawn line."""
+        if not self.enabled:
+            return
+        self._show()
+        if self.tty:
+            self.stream.write("\n")
+            self.stream.flush()
