@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     check_metric_weights(args.metrics, args.metric_cache)  # before anything starts
     options = storage_options(args.s3_endpoint)
     for name, root in args.dataset:
-        check_exists(root, options, what=f"--dataset {name}=")
+        check_exists(root, options, what=f"--dataset {name}")
     check_output(args.out, options, what="--out")
     check_pipeline_args(args, options)
     try:

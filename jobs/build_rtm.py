@@ -71,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(str(exc)) from None
     flag = "--add-source" if args.add_source else "--source"
     for source in sources:
-        check_exists(source.uri, options, what=f"{flag} {source.name}=")
+        check_exists(source.uri, options, what=f"{flag} {source.name}")
     if args.add_source:
         what = "--base" if args.base else "--out (the RTM to extend)"
         check_exists(args.base or args.out, options, what=what)

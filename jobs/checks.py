@@ -60,20 +60,21 @@ def check_exists(uri: str, options: dict[str, Any], *, what: str) -> None:
 
 
 def check_output(uri: str, options: dict[str, Any], *, what: str = "--output") -> None:
-    """The output location can be written: a local folder (made if needed, not a file), or an object
-    store prefix whose bucket can be reached."""
+    """The output location can be written: a local folder, or a folder that can be made there (nothing
+    is created here), or an object store prefix whose bucket can be reached."""
     from pipeline.io import filesystem, is_remote
 
     if not is_remote(uri):
         path = os.path.abspath(uri)
         if os.path.isfile(path):
             raise UsageError(f"{what} {uri} is a file, not a folder")
-        try:
-            os.makedirs(path, exist_ok=True)
-        except OSError as exc:
-            raise UsageError(f"{what} {uri}: cannot create the folder ({short(exc)})") from None
-        if not os.access(path, os.W_OK):
-            raise UsageError(f"{what} {uri}: the folder is not writable")
+        existing = path
+        while not os.path.exists(existing):
+            existing = os.path.dirname(existing)
+        if not os.path.isdir(existing):
+            raise UsageError(f"{what} {uri}: {existing} is a file, not a folder")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise UsageError(f"{what} {uri}: {existing} is not writable")
         return
     bucket = uri.split("://", 1)[1].split("/", 1)[0]
     scheme = uri.split("://", 1)[0]
@@ -107,6 +108,38 @@ def check_checkpoint(path: str, options: dict[str, Any], *, what: str = "--weigh
     except Exception as exc:
         raise UsageError(f"{what} {path}: config.json is not a PatchScaler checkpoint config "
                          f"({short(exc)})") from None
+    weights = join(path, "model.safetensors")
+    try:
+        check_safetensors(weights, options)
+    except Exception as exc:
+        raise UsageError(f"{what} {path} does not load: model.safetensors is not a safetensors file "
+                         f"({short(exc)})") from None
+
+
+def check_safetensors(uri: str, options: dict[str, Any]) -> None:
+    """The file's safetensors header parses and its tensors lie within the file (no tensor is read)."""
+    from pipeline.io import is_remote
+
+    if not is_remote(uri):
+        from safetensors import safe_open
+
+        with safe_open(uri, framework="numpy") as f:
+            f.keys()
+        return
+    import json
+    import struct
+
+    from pipeline.io import filesystem
+
+    fs, path = filesystem(uri, options)
+    with fs.open(path, "rb") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        if size > 100 << 20:
+            raise ValueError(f"header of {size} bytes")
+        header = json.loads(f.read(size))
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + size + end > fs.size(path):
+        raise ValueError("the file is shorter than its header says")
 
 
 def check_rtm(path: str, options: dict[str, Any], *, what: str = "--rtm") -> None:

@@ -31,7 +31,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 EXIT_CODES = """exit codes:
   0    done, every image ok (or nothing left to do)
-  1    some images failed (listed at the end of the run and in the manifest); run again to retry
+  1    some images failed (listed at the end of the run and in the manifest)
   2    usage or configuration error (one line on stderr; nothing was started)
   130  interrupted (Ctrl-C); finished images are recorded, run the same command to resume"""
 

@@ -128,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
     check_metric_weights(args.metrics, args.metric_cache)  # before anything starts
     check_exists(args.results, options, what="--results")
     for name, root in args.dataset:
-        check_exists(root, options, what=f"--dataset {name}=")
+        check_exists(root, options, what=f"--dataset {name}")
     check_output(args.out, options, what="--out")
     cache = resolve_cache_dir(args.metric_cache)
     try:
