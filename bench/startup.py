@@ -69,7 +69,7 @@ def small_job(images: Path, rounds: int, before: Path | None, timeout: float) ->
     return times
 
 
-def steady(count: int, timeout: float) -> dict[str, dict[str, float]]:
+def steady(count: int) -> dict[str, dict[str, float]]:
     import numpy as np
     import ray
     from pipeline_throughput import make_images, make_weights
@@ -106,8 +106,9 @@ def main() -> None:
     p.add_argument("--timeout", type=float, default=1200, help="seconds per command")
     args = p.parse_args()
     print(f"load before: {load()}, {os.cpu_count()} logical CPUs", flush=True)
-    times = small_job(Path(args.images), args.rounds, Path(args.before) if args.before else None, args.timeout)
-    rates = steady(args.steady_images, args.timeout) if args.steady_images else {}
+    before = Path(args.before) if args.before else None
+    times = small_job(Path(args.images), args.rounds, before, args.timeout)
+    rates = steady(args.steady_images) if args.steady_images else {}
 
     command = "python bench/startup.py " + shlex.join(sys.argv[1:])
     print(f"\nCommand: `{command.strip()}`; load after: {load()}\n")

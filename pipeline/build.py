@@ -299,5 +299,7 @@ def iter_manifest_rows(cfg: PipelineConfig, items: list[dict[str, str]], graph: 
     its score rows as JSON in ``schema.IQA`` when scoring)."""
     with unsplit_blocks():
         ds = pipeline_dataset(cfg, items, graph, model, rtm)
-    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+    # prefetch_batches=0: with the default of 1 a block is handed over only once the next one has
+    # arrived, so every row reached the driver (and the manifest) one model call late
+    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
         yield from batch.to_pylist()

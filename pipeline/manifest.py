@@ -3,8 +3,8 @@
 - ``OUTPUT/_manifest/part-<run>-<n>.parquet``: rows of finished images, written (atomically) by the
   driver a few seconds after their outputs were written (``--commit-seconds``, at most ``--window``
   rows per part), so a killed driver loses the records of the images in flight only. Every
-  ``COMPACT_EVERY`` parts of a run are merged into one (``part-<run>-c<n>``) and at the end of a run
-  all of the run's parts are, so the folder stays small.
+  ``COMPACT_EVERY`` small parts of a run are merged into one (``part-<run>-c<n>``), and at the end of a
+  run its remaining small parts are, so the folder stays small (a run of a few minutes: one part).
 - ``OUTPUT/manifest.parquet``: rewritten at the end of every run from the parts: for each input of the
   run its latest row (``finished_at``), one row per input however many runs it took.
 

@@ -20,6 +20,7 @@ Scores (``--score``) and group maps (``--maps``) of the same pass: see ``pipelin
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import sys
 import threading
@@ -194,7 +195,7 @@ class Recorder:
         self.cfg, self.run_id = cfg, run_id
         self.rows: list[dict[str, Any]] = []
         self.scores: list[dict[str, Any]] = []
-        self.parts: list[tuple[str, list[dict[str, Any]], list[dict[str, Any]]]] = []  # not yet merged
+        self.parts: list[tuple[str, list[dict[str, Any]], list[dict[str, Any]]]] = []  # small, unmerged
         self.n = self.written = self.scored = 0
         self.last = time.monotonic()
         self.error = ""
@@ -237,7 +238,8 @@ class Recorder:
         return True
 
     def merge(self) -> None:
-        """Merge the run's unmerged parts into one (the small ones are deleted after it is written)."""
+        """Merge the run's unmerged small parts into one (deleted after it is written). Merged parts are
+        not merged again: a long run writes one file per ``COMPACT_EVERY`` commits, each once."""
         if len(self.parts) < 2:
             return
         names = [name for name, _, _ in self.parts]
@@ -245,16 +247,16 @@ class Recorder:
         try:
             self._write(merged, [r for _, rows, _ in self.parts for r in rows],
                         [r for _, _, scores in self.parts for r in scores])
-            self.n += 1
-            self.parts = [(merged, [r for _, rows, _ in self.parts for r in rows],
-                           [r for _, _, scores in self.parts for r in scores])]
-            opts = self.cfg.storage_options
+        except Exception:  # merging only tidies up: the small parts hold the same rows
+            return
+        self.n += 1
+        self.parts = []
+        opts = self.cfg.storage_options
+        with contextlib.suppress(Exception):
             remove_parts(self.cfg.output, names, opts)
             if self.cfg.score is not None:
                 for name in names:
                     remove(join(self.cfg.output, SCORES_DIR, f"part-{name}.parquet"), opts)
-        except Exception:  # merging only tidies up: the small parts hold the same rows
-            return
 
     def close(self) -> None:
         self.commit()
@@ -381,7 +383,7 @@ def run_pipeline(cfg: PipelineConfig, *, echo: bool = True, plan: JobPlan | None
     summary = Summary(inputs=len(plan.sources), skipped=plan.done, ok=tally.ok, failed=tally.failed,
                       seconds=time.perf_counter() - start, parts=recorder.n, pools=tally.pools,
                       kept=len(plan.kept), unrecorded=len(recorder.rows), storage_error=storage_error,
-                      failures=tally.failures + kept,
+                      failures=sorted(tally.failures) + sorted(kept),
                       manifest=join(cfg.output, MANIFEST_FILE) if not manifest.empty else "")
     if echo:
         print("\n".join(summary.report()), flush=True)
