@@ -1,7 +1,8 @@
 """The one progress line of ``upscale-dataset``: images done of the job, ok / failed, rate and ETA.
 
-On a terminal the line is redrawn in place; when stderr is a pipe or a file a new line is printed every
-``interval`` seconds (and one at the end), so a log stays short. Ray Data's own per-operator bars are
+On a terminal the line is redrawn in place; when stderr is a pipe or a file a new line is printed at
+most every ``interval`` seconds when images finished since the last one, every ``10 * interval``
+seconds when none did, and once at the end, so a log stays short. Ray Data's own per-operator bars are
 off unless ``--verbose``.
 """
 
@@ -33,6 +34,7 @@ class Progress:
         self.start = time.monotonic()
         self.first: float | None = None  # when the first image finished
         self.last_shown = self.start
+        self.shown_done = 0  # images done at the last line shown
         self.ok = self.failed = 0
         self.width = 0
 
@@ -52,12 +54,14 @@ class Progress:
             self.first = time.monotonic()
         self.ok, self.failed = ok, failed
         now = time.monotonic()
-        if not self.enabled or (not force and now - self.last_shown < self.interval):
+        wait = self.interval if self.tty or ok + failed > self.shown_done else 10 * self.interval
+        if not self.enabled or (not force and now - self.last_shown < wait):
             return
         self.last_shown = now
         self._show()
 
     def _show(self) -> None:
+        self.shown_done = self.ok + self.failed
         text = self.line()
         if self.tty:
             self.stream.write("\r" + text.ljust(self.width))

@@ -91,12 +91,17 @@ def test_progress_line_in_a_pipe(monkeypatch: pytest.MonkeyPatch) -> None:
     assert stream.getvalue() == ""
     now[0] += 25
     bar.update(5, 1)
+    now[0] += 35
+    bar.update(5, 1)  # nothing new: no line until 10 intervals have passed (a heartbeat)
+    now[0] += 300
+    bar.update(5, 1)
     now[0] += 5
     bar.close()
     lines = stream.getvalue().splitlines()
     # 6 done 35 s after the first: 5 more in 35 s -> 0.14 images/s, 4 to go -> ETA 28 s
     assert lines == ["[6/10] 5 ok, 1 failed, 0.14 images/s, ETA 28s, 35s elapsed",
-                     "[6/10] 5 ok, 1 failed, 0.12 images/s, ETA 32s, 40s elapsed"]
+                     "[6/10] 5 ok, 1 failed, 0.01 images/s, ETA 4m56s, 6m10s elapsed",
+                     "[6/10] 5 ok, 1 failed, 0.01 images/s, ETA 5m00s, 6m15s elapsed"]
     assert duration(75) == "1m15s" and duration(3700) == "1h01m"
 
 
