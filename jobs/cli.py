@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 # subcommand -> (module under jobs/, one-line help)
@@ -89,6 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.plan import PlanError
 
     argv = sys.argv[1:] if argv is None else argv
+    # A job starts Ray itself (jobs/runtime.py); no Ray call may start another one behind its back
+    # (e.g. a thread still reading results while the interpreter exits after Ctrl-C).
+    os.environ.setdefault("RAY_ENABLE_AUTO_CONNECT", "0")
     if "--verbose" not in argv:  # bitsandbytes (imported by diffusers) warns on import about a kernel
         logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # package this project never uses
     command = next((a for a in argv if not a.startswith("-")), None)
@@ -105,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"patchscaler {args.command}: interrupted; what finished is kept, run the same command "
               "again to resume", file=sys.stderr, flush=True)
+        for name in ("ray", "ray.data"):  # Ray Data's threads complain while Ray shuts down at exit
+            logging.getLogger(name).setLevel(logging.CRITICAL + 1)
         return 130
 
 

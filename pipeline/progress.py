@@ -12,6 +12,8 @@ import sys
 import time
 from typing import TextIO
 
+MIN_RATE_SECONDS = 5.0  # a rate (and ETA) is shown once images have finished over this long
+
 
 def duration(seconds: float) -> str:
     """``75`` -> ``1m15s``; ``3700`` -> ``1h01m``."""
@@ -42,8 +44,9 @@ class Progress:
         done = self.ok + self.failed
         text = f"[{done}/{self.total}] {self.ok} ok, {self.failed} failed"
         elapsed = time.monotonic() - self.start
-        if self.first is not None and done > 1:  # the rate after the first image leaves start-up out
-            rate = (done - 1) / max(time.monotonic() - self.first, 1e-9)
+        since_first = time.monotonic() - self.first if self.first is not None else 0.0
+        if done > 1 and since_first >= MIN_RATE_SECONDS:  # the rate after the first image: no start-up
+            rate = (done - 1) / since_first
             text += f", {rate:.2f} images/s"
             if done < self.total:
                 text += f", ETA {duration((self.total - done) / max(rate, 1e-9))}"

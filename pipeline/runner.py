@@ -21,7 +21,10 @@ Scores (``--score``) and group maps (``--maps``) of the same pass: see ``pipelin
 from __future__ import annotations
 
 import contextlib
+import os
+import posixpath
 import queue
+import re
 import sys
 import threading
 import time
@@ -56,6 +59,12 @@ from pipeline.shared import LoadedAssets
 __all__ = ["MANIFEST_FILE", "PipelineConfig", "Summary", "consolidate", "finished_ids", "part_uri",
            "plan_job", "read_manifest", "read_parts", "run_pipeline", "write_part"]
 SHOWN_FAILURES = 20
+_IN_MEMORY = re.compile(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>")
+
+
+def name_the_file(error: str, source: str) -> str:
+    """Pillow names an in-memory file ``<_io.BytesIO object at 0x…>``; the manifest names the source."""
+    return _IN_MEMORY.sub(posixpath.basename(source.replace(os.sep, "/")), error)
 
 
 def _short(exc: BaseException) -> str:
@@ -201,7 +210,9 @@ class Recorder:
         self.error = ""
 
     def add(self, row: dict[str, Any]) -> None:
-        self.rows.append({f.name: row[f.name] for f in S.MANIFEST_SCHEMA})
+        row = {f.name: row[f.name] for f in S.MANIFEST_SCHEMA}
+        row["error"] = name_the_file(row["error"], row["source"])
+        self.rows.append(row)
         self.scores += Q.rows_of(row)
 
     def due(self) -> bool:
@@ -324,7 +335,7 @@ def _execute(cfg: PipelineConfig, todo: list[dict[str, str]], assets: LoadedAsse
                     tally.ok += 1
                 else:
                     tally.failed += 1
-                    tally.failures.append((value["source"], value["error"]))
+                    tally.failures.append((value["source"], recorder.rows[-1]["error"]))
             elif kind == "error":
                 why = f"the pipeline stopped: {_short(value)}"
                 print(f"error: {why}", file=sys.stderr, flush=True)

@@ -68,6 +68,15 @@ def test_rows_survive_a_storage_outage(tmp_path, monkeypatch: pytest.MonkeyPatch
     assert sorted(M.read_parts(str(tmp_path), {})["id"]) == ["id0", "id1"]
 
 
+def test_error_text_names_the_file(tmp_path) -> None:
+    cfg = PipelineConfig(input="/in", output=str(tmp_path), weights="w", rtm="r")
+    rec = R.Recorder(cfg, "run")
+    bad = row(7, "error")
+    bad["error"] = "decode: UnidentifiedImageError: cannot identify image file <_io.BytesIO object at 0x7fd5>"
+    rec.add(bad)
+    assert rec.rows[0]["error"] == "decode: UnidentifiedImageError: cannot identify image file 7.png"
+
+
 def test_permanent_and_transient_errors() -> None:
     assert M.is_permanent("decode: UnidentifiedImageError: cannot identify image file a.png")
     assert M.is_permanent("decode: ImageTooLarge: 5000x5000 = 25000000 pixels is over the limit")
