@@ -191,9 +191,9 @@ def plan_graph(cfg: PipelineConfig, nodes: list[Node], *, layout: str, todo: int
     scorers = {"score": cfg.score.actors} if cfg.score is not None else {}
     common = {"device": cfg.device, "cpus_per_actor": cfg.cpus_per_actor,
               "gpus_per_actor": cfg.gpus_per_actor}
-    if layout == "single":
-        n = cfg.actors or single_actors(nodes, device=cfg.device, blocks=todo)
-        batch = max(1, min(cfg.grm_batch, todo // max(1, n)))
+    if layout == "single":  # one actor per CPU or GPU, but none without a full call's work (--grm-batch)
+        n = cfg.actors or single_actors(nodes, device=cfg.device, blocks=math.ceil(todo / cfg.grm_batch))
+        batch = max(1, min(cfg.grm_batch, math.ceil(todo / n)))
         plan = plan_resources(nodes, {"image": n, **scorers}, tasks=0, **common)
         return Graph(layout, plan, batch, {}, cfg.sampling(layout, fused_ok))
     grm, assemble, dit = light_and_dit(cfg, nodes, layout)

@@ -168,7 +168,9 @@ def choose_layout(layout: str, *, device: str, todo: int, fixed_dit: bool) -> st
 
 
 def single_actors(nodes: list[Node], *, device: str, blocks: int) -> int:
-    """Actors of the single layout: one per CPU (CPU) or per GPU, no more than there are blocks."""
+    """Actors of the single layout: one per CPU (CPU) or per GPU, no more than there are ``blocks``
+    (model calls of ``--grm-batch`` images): every actor process costs a torch import and a model build,
+    worth it only with a call's work to do."""
     if device.startswith("cuda"):
         per = sum(n.gpus for n in nodes)
     else:

@@ -183,7 +183,12 @@ def test_layout_choice_and_single_layout_size() -> None:
     assert single_actors([Node(16, 8)], device="cuda", blocks=100) == 8  # one per GPU
     assert single_actors([Node(1.5)], device="cpu", blocks=5) == 1
     cfg = PipelineConfig(input="/in", output="/out", weights="w", rtm="r")
+    # 3 images are one call of --grm-batch 4: one actor with both CPUs; 6 images: two actors of 3
     graph = plan_graph(cfg, [Node(2)], layout="single", todo=3, counts={}, steps=(8, 14, 20))
-    assert graph.plan.pools["image"].actors == 2 and graph.batch == 1 and graph.plan.tasks == 0
-    assert graph.plan.pools["image"].num_cpus == 1.0 and graph.sampling == "checkpoint+fused"
+    assert graph.plan.pools["image"].actors == 1 and graph.batch == 3 and graph.plan.tasks == 0
+    assert graph.plan.pools["image"].num_cpus == 2.0 and graph.sampling == "checkpoint+fused"
+    graph = plan_graph(cfg, [Node(2)], layout="single", todo=6, counts={}, steps=(8, 14, 20))
+    assert graph.plan.pools["image"].actors == 2 and graph.batch == 3
     assert math.isclose(sum(p.actors * p.num_cpus for p in graph.plan.pools.values()), 2.0)
+    graph = plan_graph(cfg, [Node(64)], layout="single", todo=1000, counts={}, steps=(8, 14, 20))
+    assert graph.plan.pools["image"].actors == 64 and graph.batch == 4
