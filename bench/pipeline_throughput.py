@@ -6,10 +6,11 @@
 On the same generated images (random RGB, sizes drawn in [--min-size, --max-size]) and in one run:
 
 - ``bare loop``: one process, read -> decode -> ``PatchScaler.upscale`` -> encode PNG -> write, per image;
-- ``pipeline``: ``run_pipeline`` on a local Ray with all cores (or ``--address``), per-pool and fused,
-  adaptive (PGS) and uniform sampling. Its seconds are the whole job as a user sees it: actor start
-  and checkpoint loading included. ``steady images/s`` leaves the start-up out: images finished after
-  the first one, over the time from the first to the last (the manifest's ``finished_at``).
+- ``pipeline``: ``run_pipeline`` on a private local Ray with all cores (or ``--address``), in the
+  per-pool, fused and single layouts, adaptive (PGS) and uniform sampling. Its seconds are the whole
+  job as a user sees it: actor start and checkpoint loading included. ``steady images/s`` leaves the
+  start-up out: images finished after the first one, over the time from the first to the last (the
+  manifest's ``finished_at``).
 
 The ratio is pipeline images/s over bare-loop images/s with the same sampling mode. Weights are random
 (the rates do not depend on their values), but the group thresholds γ1/γ2 are set at the tertiles of
@@ -92,13 +93,13 @@ def bare_loop(weights: str, rtm: str, images: list[Path], out: Path, mode: str, 
     return {"seconds": seconds, "images_per_s": len(images) / seconds}
 
 
-def pipeline_run(weights: str, rtm: str, inputs: Path, out: Path, *, mode: str, fused: bool,
+def pipeline_run(weights: str, rtm: str, inputs: Path, out: Path, *, mode: str, layout: str,
                  device: str, dit_actors: int | None) -> dict:
     from pipeline.build import PipelineConfig
     from pipeline.runner import read_manifest, run_pipeline
 
     cfg = PipelineConfig(input=str(inputs), output=str(out), weights=weights, rtm=rtm, device=device,
-                         mode=mode, fused=fused, dit_actors=dit_actors, window=1 << 30)
+                         mode=mode, layout=layout, dit_actors=dit_actors, window=1 << 30)
     summary = run_pipeline(cfg, echo=False)
     assert summary.failed == 0, f"{summary.failed} images failed"
     done = np.sort(read_manifest(str(out))["finished_at"].to_numpy())
@@ -139,13 +140,14 @@ def main() -> None:
     for mode in ("adaptive", "uniform"):
         results[f"bare loop, {mode}"] = bare_loop(weights, rtm, images, root / f"bare_{mode}", mode,
                                                   args.device)
-    ray.init(address=args.address, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    for fused in (False, True):
+    from jobs.runtime import start_ray
+
+    start_ray(args.address)  # a private local Ray without --address
+    for layout, label in (("pools", "per-pool"), ("fused", "fused"), ("single", "single")):
         for mode in ("adaptive", "uniform"):
-            name = f"pipeline {'fused' if fused else 'per-pool'}, {mode}"
+            name = f"pipeline {label}, {mode}"
             results[name] = pipeline_run(weights, rtm, root / "in", root / name.replace(" ", "_"), mode=mode,
-                                         fused=fused, device=args.device, dit_actors=args.dit_actors)
+                                         layout=layout, device=args.device, dit_actors=args.dit_actors)
             bare = results[f"bare loop, {mode}"]["images_per_s"]
             results[name]["ratio"] = results[name]["images_per_s"] / bare
     ray.shutdown()

@@ -50,7 +50,8 @@ def bench_build(weights: str, root: Path, args: argparse.Namespace) -> dict[str,
     from rtm_builder.build import BuildConfig, build_rtm
     from rtm_builder.sources import parse_sources
 
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
+             configure_logging=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     make_images(root / "images", args.images, 512)
     cfg = BuildConfig(sources=parse_sources([f"bench={root / 'images'}"]), out=str(root / "rtm"),

@@ -14,7 +14,6 @@ continues an interrupted run into the same ``--out``, keeping the images and sco
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 
 from jobs.evaluate import add_dataset_arguments, parse_dataset
@@ -44,35 +43,52 @@ def run(args: argparse.Namespace) -> int:
 
     from eval.datasets import list_results, load_dataset, match_results
     from eval.results import RESULT_SCHEMA, conform, new_run_id, read_table
-    from jobs.evaluate import record_run, weights_missing
-    from jobs.upscale_dataset import pipeline_config, score_config, start_ray
+    from jobs.checks import UsageError, check_exists, check_output, short
+    from jobs.evaluate import check_metric_weights, record_run
+    from jobs.upscale_dataset import (
+        check_pipeline_args,
+        load_assets,
+        pipeline_config,
+        score_config,
+        start_ray,
+    )
     from pipeline.io import join, normalize_root, storage_options
-    from pipeline.runner import run_pipeline
+    from pipeline.runner import plan_job, run_pipeline
     from pipeline.scores import SCORES_FILE
 
-    if weights_missing(args.metrics, args.metric_cache):  # before anything starts
-        return 2
+    check_metric_weights(args.metrics, args.metric_cache)  # before anything starts
     options = storage_options(args.s3_endpoint)
+    for name, root in args.dataset:
+        check_exists(root, options, what=f"--dataset {name}")
+    check_output(args.out, options, what="--out")
+    check_pipeline_args(args, options)
     try:
         sets = [(name, normalize_root(root),
                  load_dataset(name, root, layout=args.layout, scale=args.scale, options=options))
                 for name, root in args.dataset]
     except (FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    device = start_ray(args)
-    frames, maps, failed = [], {}, 0
+        raise UsageError(short(exc)) from None
+    jobs = []
     for name, root, entries in sets:
-        out = join(args.out, "results", name)
-        print(f"== {name}: {len(entries)} images from {root} -> {out}", flush=True)
-        cfg = pipeline_config(args, input=root, output=out, device=device, options=options)
+        cfg = pipeline_config(args, input=root, output=join(args.out, "results", name), device=args.device,
+                              options=options)
         cfg.sources, cfg.maps = [e.lr for e in entries], True
         cfg.score = score_config(args, args.metrics, options)
         cfg.score.crop_border = args.scale
         cfg.score_dataset, cfg.score_pairs = name, {e.lr: (e.key, e.hr) for e in entries}
-        failed += run_pipeline(cfg).failed
-        frames.append(read_table(join(out, SCORES_FILE), RESULT_SCHEMA, options))
-        matched, _ = match_results(entries, list_results(out, options))
+        jobs.append((name, root, entries, cfg, plan_job(cfg)))
+    assets, device = None, args.device
+    if any(plan.todo for *_, plan in jobs):
+        assets = load_assets(args)
+        device = start_ray(args)
+    frames, maps, failed = [], {}, 0
+    for name, root, entries, cfg, plan in jobs:
+        print(f"== {name}: {len(entries)} images from {root} -> {cfg.output}", flush=True)
+        cfg.device = device
+        summary = run_pipeline(cfg, plan=plan, assets=assets, progress=not args.no_progress)
+        failed += summary.failed + summary.kept + summary.unrecorded
+        frames.append(read_table(join(cfg.output, SCORES_FILE), RESULT_SCHEMA, options))
+        matched, _ = match_results(entries, list_results(cfg.output, options))
         maps.update({(name, e.key): m for e, _, m in matched if m})
     results = conform(pd.concat(frames, ignore_index=True), RESULT_SCHEMA)
     run_id = args.run_id or new_run_id(time.time())

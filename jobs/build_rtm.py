@@ -49,23 +49,40 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--per-class", type=int, default=8, help="contact sheet entries per texture class")
     p.add_argument("--no-contact-sheet", action="store_true")
     p.add_argument("--device", default="auto", help="auto (cuda if the cluster has GPUs), cpu, cuda")
-    p.add_argument("--address", default=None, help="Ray cluster address (default: start a local Ray)")
+    p.add_argument("--address", default=None,
+                   help="Ray cluster to run on, e.g. HEAD:6379 (default: a private local Ray instance)")
     p.add_argument("--s3-endpoint", default=None, help="S3-compatible endpoint URL (MinIO, Ceph, ...)")
-    p.add_argument("--no-progress", action="store_true", help="hide Ray Data's progress bars")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument("--verbose", action="store_true", help="show Ray's logs and Ray Data's progress bars")
 
 
 def run(args: argparse.Namespace) -> int:
-    import ray
-
+    from jobs.checks import UsageError, check_checkpoint, check_exists, check_output, short
+    from jobs.runtime import start_ray
     from pipeline.io import storage_options
     from rtm_builder.build import BuildConfig, build_rtm
 
     if args.s3_endpoint:  # before ray.init, so that local workers (checkpoint loads) see it too
         os.environ.setdefault("AWS_ENDPOINT_URL", args.s3_endpoint)
-    sources = check_unique(args.add_source or args.source)
-    if not ray.is_initialized():
-        ray.init(address=args.address or "local", log_to_driver=False)
-    ray.data.DataContext.get_current().enable_progress_bars = not args.no_progress
+    options = storage_options(args.s3_endpoint)
+    try:
+        sources = check_unique(args.add_source or args.source)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    flag = "--add-source" if args.add_source else "--source"
+    for source in sources:
+        check_exists(source.uri, options, what=f"{flag} {source.name}")
+    if args.add_source:
+        what = "--base" if args.base else "--out (the RTM to extend)"
+        check_exists(args.base or args.out, options, what=what)
+    check_checkpoint(args.weights, options)
+    if args.autoencoder:
+        check_exists(args.autoencoder, options, what="--autoencoder")
+    check_output(args.out, options, what="--out")
+    start_ray(args.address, verbose=args.verbose)
+    import ray
+
+    ray.data.DataContext.get_current().enable_progress_bars = not args.no_progress  # one overall bar
     cfg = BuildConfig(
         sources=sources, out=args.out, weights=args.weights, incremental=bool(args.add_source),
         base=args.base, candidates=args.candidates, entries=args.entries, seed=args.seed,
@@ -73,7 +90,11 @@ def run(args: argparse.Namespace) -> int:
         encode_batch=args.encode_batch,
         read_tasks=args.read_tasks, cpus_per_actor=args.cpus_per_actor, gpus_per_actor=args.gpus_per_actor,
         max_pixels=args.max_pixels, contact_sheet=not args.no_contact_sheet, per_class=args.per_class,
-        storage_options=storage_options(args.s3_endpoint),
+        storage_options=options,
     )
-    print(json.dumps(build_rtm(cfg).to_dict(), indent=1))
+    try:
+        summary = build_rtm(cfg)
+    except (FileNotFoundError, ValueError) as exc:  # e.g. no readable image in a source, a name clash
+        raise UsageError(short(exc)) from None
+    print(json.dumps(summary.to_dict(), indent=1))
     return 0

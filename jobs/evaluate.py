@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
+import os
 import time
 from typing import Any
 
 from eval.datasets import LAYOUTS
-from eval.metrics import PAPER_METRICS, parse_metrics
+from eval.metrics import CACHE_ENV, PAPER_METRICS, parse_metrics
 
 
 def parse_dataset(text: str) -> tuple[str, str]:
@@ -61,21 +61,38 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=4, help="images per scoring call")
     p.add_argument("--examples", type=int, default=2, help="example crops per dataset in the report")
     p.add_argument("--no-report", action="store_true", help="write the Parquet tables only")
-    p.add_argument("--address", default=None, help="Ray cluster address (default: start a local Ray)")
+    p.add_argument("--address", default=None,
+                   help="Ray cluster to run on, e.g. HEAD:6379 (default: a private local Ray instance)")
     p.add_argument("--s3-endpoint", default=None, help="S3-compatible endpoint URL (MinIO, Ceph, ...)")
+    p.add_argument("--verbose", action="store_true", help="show Ray's logs and progress bars")
 
 
-def weights_missing(metrics: tuple[str, ...], cache_dir: str | None) -> bool:
-    """Check the metric weights before anything starts; prints eval.metrics' error (naming every missing
-    file and its URL) when some are missing. Jobs then exit with 2."""
-    from eval.metrics import MissingDependencyError, MissingWeightsError, check_weights, resolve_cache_dir
+def check_metric_weights(metrics: tuple[str, ...], cache_dir: str | None, *, flag: str = "--metrics") -> None:
+    """Check the metric weights before anything starts: a ``UsageError`` (one line) naming the missing
+    files, the cache folder, the option that sets it (``--metric-cache``) and the metrics that need no
+    weights (for ``flag``, the option that chose the metrics)."""
+    from eval.metrics import (
+        OFFLINE_METRICS,
+        MissingDependencyError,
+        MissingWeightsError,
+        check_weights,
+        missing_files,
+        resolve_cache_dir,
+    )
+    from jobs.checks import UsageError
 
+    cache = resolve_cache_dir(cache_dir)
+    absent = missing_files(metrics, cache)
+    if absent:
+        files = ", ".join(f"{m} needs {os.path.relpath(path, cache)}" for m, found in absent.items()
+                          for path, _ in found)
+        raise UsageError(f"metric weights missing from the metric cache {cache} ({files}); put them there "
+                         f"(the folder is --metric-cache or ${CACHE_ENV}; sources in docs/evaluation.md) "
+                         f"or use {flag} {','.join(OFFLINE_METRICS)}, which need no weights")
     try:
-        check_weights(metrics, resolve_cache_dir(cache_dir))
+        check_weights(metrics, cache)
     except (MissingWeightsError, MissingDependencyError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return True
-    return False
+        raise UsageError(" ".join(str(exc).split())) from None
 
 
 def record_run(results: Any, *, out: str, history: str | None, run_id: str, maps: dict[Any, dict[str, str]],
@@ -103,24 +120,28 @@ def run(args: argparse.Namespace) -> int:
     from eval.metrics import resolve_cache_dir
     from eval.results import new_run_id
     from eval.score import ScoreConfig, score_rows
+    from jobs.checks import UsageError, check_exists, check_output, short
+    from jobs.runtime import start_ray
     from pipeline.io import storage_options
 
     options = storage_options(args.s3_endpoint)
-    if weights_missing(args.metrics, args.metric_cache):  # before anything starts
-        return 2
+    check_metric_weights(args.metrics, args.metric_cache)  # before anything starts
+    check_exists(args.results, options, what="--results")
+    for name, root in args.dataset:
+        check_exists(root, options, what=f"--dataset {name}")
+    check_output(args.out, options, what="--out")
     cache = resolve_cache_dir(args.metric_cache)
-    plan = plan_scoring(args.results, args.dataset, layout=args.layout, scale=args.scale, options=options)
+    try:
+        plan = plan_scoring(args.results, args.dataset, layout=args.layout, scale=args.scale, options=options)
+    except (FileNotFoundError, ValueError) as exc:
+        raise UsageError(short(exc)) from None
     for entry in plan.missing:
         print(json.dumps({"dataset": entry.dataset, "image_id": entry.key, "status": "missing",
                           "error": f"no upscaled image in {args.results}"}))
     if not plan.rows:
-        print(f"error: no upscaled images to score under {args.results}", file=sys.stderr)
-        return 1
+        raise UsageError(f"no upscaled images to score under {args.results}")
 
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address=args.address, log_to_driver=False)
+    start_ray(args.address, verbose=args.verbose)
     config = ScoreConfig(metrics=tuple(args.metrics), cache_dir=cache, seed=args.seed,
                          crop_border=args.scale if args.crop_border is None else args.crop_border,
                          actors=args.actors, gpus_per_actor=args.gpus_per_actor, batch_size=args.batch_size,

@@ -65,7 +65,8 @@ def add_arguments(p: argparse.ArgumentParser, task: str) -> None:
     p.add_argument("--cpus-per-worker", type=int, default=1, help="CPUs (and torch threads) per worker")
     p.add_argument("--loader-workers", type=int, default=0, help="DataLoader processes per worker")
     p.add_argument("--storage", default=None, help="Ray Train storage path (default OUT/ray)")
-    p.add_argument("--address", default=None, help="Ray cluster address (default: start a local Ray)")
+    p.add_argument("--address", default=None,
+                   help="Ray cluster to run on, e.g. HEAD:6379 (default: a private local Ray instance)")
 
 
 def _shares(text: str) -> tuple[float, float, float]:
@@ -88,9 +89,27 @@ def config_from_args(args: argparse.Namespace, task: str) -> TrainConfig:
     return TrainConfig(task=task, data=tuple(args.data), use_gpu=use_gpu, **values)
 
 
+def check_args(args: argparse.Namespace, task: str) -> None:
+    """The checkpoint, data and RTM exist before Ray starts (``jobs.checks``: one line, exit code 2)."""
+    from jobs.checks import check_checkpoint, check_exists, check_output, check_positive, check_rtm
+    from pipeline.io import storage_options
+
+    options = storage_options()
+    for name in ("steps", "batch_size", "crop", "crops_per_image", "num_workers", "cpus_per_worker"):
+        check_positive("--" + name.replace("_", "-"), getattr(args, name, None))
+    check_positive("--lr", args.lr)
+    check_checkpoint(args.init, options, what="--init")
+    for data in args.data:
+        check_exists(data, options, what="--data")
+    if task == "patchdit":
+        check_rtm(args.rtm, options)
+    check_output(args.out, options, what="--out")
+
+
 def run_task(args: argparse.Namespace, task: str) -> int:
     from trainer.loop import run_training
 
+    check_args(args, task)
     cfg = config_from_args(args, task)
     state = run_training(cfg)
     history = state.get("history") or [[0, float("nan")]]

@@ -1,11 +1,21 @@
-"""Assembly of the Ray Data graph: the only place that sets resources, pool sizes, batch sizes and the
-fault-tolerance options.
+"""Assembly of the Ray Data graph: the only place that applies resources, pool sizes, batch sizes and the
+fault-tolerance options (the numbers come from the resource plan, ``pipeline/plan.py``).
 
-Per-pool layout (default), one streaming execution::
+Two layouts (``--layout``; ``auto`` picks, see ``plan.choose_layout``):
+
+``single`` (default on CPU and for small GPU jobs)::
+
+    from_items -> image actors: read, decode, GRM, Patch-DiT (all groups), assemble, write
+      -> [score actors] -> manifest rows to the driver
+
+One actor per CPU (or GPU), at most one per block of images; each builds one model from the driver's
+copy in the object store (``pipeline/shared.py``). ``pipeline/single.py``.
+
+``pools`` (per-group pools, the default for larger GPU jobs), one streaming execution::
 
     from_items -> read (tasks) -> decode (tasks) -> GRM + explode into patch rows (actors)
       -> Patch-DiT simple pool (τ=400, N=8) -> medium pool (τ=700, N=14) -> hard pool (τ=1000, N=20)
-      -> assemble: merge, decode, encode, write (actors)  -> manifest rows to the driver
+      -> assemble: merge, decode, encode, write (actors)  -> [score actors] -> manifest rows
 
 Each GRM call explodes a batch of images into one block: the image rows, then the patch rows sorted by
 group. Pool g refines the group-g rows of a block — the patches of several images in one call — with
@@ -14,9 +24,8 @@ runs with ``target_max_block_size=None`` and ``batch_size=None`` in the pools), 
 whole images and the assemble stage regroups patches by image inside a block: the regroup needs no
 all-to-all shuffle, the graph has no barrier and streams with Ray Data's bounded backpressure.
 (A Ray Data graph cannot fan out without recomputing its input; a chain of pass-through pools needs
-no fan-out.)
-
-Fused layout (``fused=True``): one Patch-DiT pool runs all groups in one step loop (``stages.fused_refine``).
+no fan-out.) ``fused`` is the same with one Patch-DiT pool running all groups in one step loop
+(``stages.fused_refine``).
 
 Scoring (``score`` set, ``upscale-dataset --score``): a pool of ``eval.score.PipelineScoreStage`` actors
 after the assembler scores every written image with the IQA metrics in the same pass; the assembler then
@@ -31,13 +40,21 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import ray
-from ray.data import DataContext, Dataset
-
-from pipeline.stages import AssembleStage, DecodeStage, GRMStage, PatchDiTStage, ReadStage
+from pipeline.plan import (
+    GROUP_POOLS,
+    Node,
+    ResourcePlan,
+    choose_layout,
+    gpu_pool_counts,
+    plan_resources,
+    single_actors,
+)
 
 if TYPE_CHECKING:
+    from ray.data import Dataset
+
     from eval.score import ScoreConfig
+    from pipeline.shared import SharedModel, SharedRTM
 
 GROUP_KEYS = ("simple", "medium", "hard")
 # Fault tolerance: Ray Data's actor pools restart dead actors and retry their tasks without limit by
@@ -59,17 +76,21 @@ class PipelineConfig:
     max_pixels: int = 4096 * 4096
     seed: int = 0
     mode: str | None = None  # None: the checkpoint's own sampler mode
-    fused: bool = False
-    window: int = 64  # images per manifest part (and per pool-sizing probe)
-    grm_actors: int = 1
+    layout: str = "auto"  # auto | single | pools | fused (plan.choose_layout)
+    fused: bool = False  # the pools layout with one Patch-DiT pool for all groups (= layout "fused")
+    window: int = 64  # at most this many rows per manifest part (and images per pool-sizing probe)
+    commit_seconds: float = 2.0  # finished rows are recorded at least this often
+    actors: int | None = None  # actors of the single layout (None: one per CPU or GPU, <= blocks)
+    grm_actors: int | None = None  # None: 1 on CPU, plan.gpu_pool_counts on GPU
     dit_actors: dict[str, int] | int | None = None  # per group, a total split by work, or None: auto
-    assemble_actors: int = 1
-    decode_tasks: int = 4  # concurrent read/decode tasks
-    gpus_per_actor: float | None = None  # None: all model actors share the cluster's GPUs
-    cpus_per_actor: float | None = None  # None: the same for CPUs, leaving one CPU for tasks
-    grm_batch: int = 4  # images per GRM call = per block
+    assemble_actors: int | None = None  # None: as grm_actors
+    decode_tasks: int = 4  # concurrent read/decode tasks (pools layout)
+    gpus_per_actor: float | None = None  # None: the plan's share
+    cpus_per_actor: float | None = None  # None: the plan's share
+    grm_batch: int = 4  # images per GRM call = per block (and per call of the single layout, at most)
     storage_options: dict[str, Any] = field(default_factory=dict)
     overwrite: bool = False  # ignore the manifest: redo every image
+    retry_failed: bool = False  # also redo images that failed permanently (undecodable files)
     sources: list[str] | None = None  # the inputs, all under `input` (None: every file under it)
     maps: bool = False  # write each image's group map to OUTPUT/_maps/ (pipeline/scores.py)
     score: ScoreConfig | None = None  # IQA-score the outputs in the same pass (pipeline/scores.py)
@@ -77,9 +98,42 @@ class PipelineConfig:
     score_pairs: dict[str, tuple[str, str]] = field(default_factory=dict)  # source -> (image id, HR URI)
     crash_marker: str | None = None  # tests only, see PatchDiTStage
 
-    @property
-    def sampling(self) -> str:
-        return (self.mode or "checkpoint") + ("+fused" if self.fused else "")
+    def resolved_layout(self, todo: int) -> str:
+        if self.fused and self.layout in ("auto", "fused"):
+            return "fused"
+        return choose_layout(self.layout, device=self.device, todo=todo,
+                             fixed_dit=self.dit_actors is not None)
+
+    def sampling(self, layout: str, fused_ok: bool = True) -> str:
+        """The manifest's ``sampling`` of ``layout``: the mode (or "checkpoint") and "+fused" when all
+        groups run in one loop."""
+        fused = layout == "fused" or (layout == "single" and fused_ok)
+        return (self.mode or "checkpoint") + ("+fused" if fused else "")
+
+
+@dataclass
+class Graph:
+    """What one execution runs: the layout, the actors per pool and the resource plan."""
+
+    layout: str
+    plan: ResourcePlan
+    batch: int  # images per call of the first model stage
+    dit: dict[int, int]  # Patch-DiT actors per group (pools), {None: n} (fused), {} (single)
+    sampling: str
+
+    def describe(self) -> str:
+        pools = ", ".join(f"{name} {p.actors}" for name, p in self.plan.pools.items())
+        p = next(iter(self.plan.pools.values()))
+        res = f"{p.num_cpus:g} CPU" + (f" + {p.num_gpus:g} GPU" if p.num_gpus else "")
+        return f"layout {self.layout}: actors {pools} ({res} each)"
+
+
+def cluster_nodes() -> list[Node]:
+    """The alive nodes of the connected Ray cluster."""
+    import ray
+
+    return [Node(cpus=float(n["Resources"].get("CPU", 0)), gpus=int(n["Resources"].get("GPU", 0)))
+            for n in ray.nodes() if n.get("Alive")]
 
 
 def dit_pool_sizes(work: dict[int, float], total: int) -> dict[int, int]:
@@ -101,86 +155,124 @@ def dit_pool_sizes(work: dict[int, float], total: int) -> dict[int, int]:
     return sizes
 
 
-def total_dit_actors(cfg: PipelineConfig) -> int:
+def light_and_dit(cfg: PipelineConfig, nodes: list[Node], layout: str) -> tuple[int, int, int]:
+    """(GRM actors, assemble actors, Patch-DiT actors in all) of the pools/fused layouts."""
+    gpus = sum(n.gpus for n in nodes) if cfg.device.startswith("cuda") else 0
+    scorers = cfg.score.actors if cfg.score is not None else 0
+    grm, assemble, dit = gpu_pool_counts(gpus, fused=layout == "fused", score_actors=scorers) if gpus \
+        else (1, 1, 1 if layout == "fused" else 3)
+    if cfg.grm_actors is not None:
+        grm = cfg.grm_actors
+    if cfg.assemble_actors is not None:
+        assemble = cfg.assemble_actors
     if isinstance(cfg.dit_actors, int):
-        return cfg.dit_actors
-    if isinstance(cfg.dit_actors, dict):
-        return sum(cfg.dit_actors.values())
-    gpus = int(ray.cluster_resources().get("GPU", 0)) if cfg.device.startswith("cuda") else 0
-    return max(1 if cfg.fused else 3, gpus - cfg.grm_actors - cfg.assemble_actors)
+        dit = cfg.dit_actors
+    elif isinstance(cfg.dit_actors, dict):
+        dit = sum(cfg.dit_actors.values())
+    return grm, assemble, dit
 
 
-def pool_sizes(cfg: PipelineConfig, counts: dict[int, int], steps: tuple[int, int, int]) -> dict[int, int]:
-    """Actors per group pool: as given, or the total split by work (patches × steps) of ``counts``, the
+def pool_sizes(cfg: PipelineConfig, total: int, counts: dict[int, int], steps: tuple[int, int, int]
+               ) -> dict[int, int]:
+    """Actors per group pool: as given, or ``total`` split by work (patches × steps) of ``counts``, the
     patches per group measured so far (equal counts before any). Every pool of the chain gets at least
     one actor, since it also forwards the other groups' rows."""
-    if cfg.fused:
-        return {}
     if isinstance(cfg.dit_actors, dict):
         return {g: max(1, cfg.dit_actors.get(name, 1)) for g, name in enumerate(GROUP_KEYS)}
     seen = counts if sum(counts.values()) else dict.fromkeys(range(3), 1)
     work = {g: max(seen.get(g, 0), 1) * steps[g] for g in range(3)}
-    return dit_pool_sizes(work, total_dit_actors(cfg))
+    return dit_pool_sizes(work, total)
 
 
-def actor_resources(cfg: PipelineConfig, actors: int) -> dict[str, float]:
-    """``num_cpus``/``num_gpus`` of every model actor. By default all ``actors`` (GRM, the Patch-DiT
-    pools, assemble: they run at the same time) fit on the cluster at once, leaving one CPU for the
-    read/decode tasks; on one GPU they share it (fractional GPUs)."""
-    cpus = float(ray.cluster_resources().get("CPU", 1))
-    res = {"num_cpus": cfg.cpus_per_actor or round(min(1.0, max(cpus - 1.0, 0.5) / actors), 3)}
-    if cfg.device.startswith("cuda"):
-        gpus = float(ray.cluster_resources().get("GPU", 0))
-        res["num_gpus"] = cfg.gpus_per_actor or round(min(1.0, gpus / actors), 3)
-    return res
+def plan_graph(cfg: PipelineConfig, nodes: list[Node], *, layout: str, todo: int, counts: dict[int, int],
+               steps: tuple[int, int, int], fused_ok: bool = True) -> Graph:
+    """The pools and resources of an execution of ``todo`` images in ``layout`` (``plan.PlanError`` when
+    they cannot fit on ``nodes``)."""
+    scorers = {"score": cfg.score.actors} if cfg.score is not None else {}
+    common = {"device": cfg.device, "cpus_per_actor": cfg.cpus_per_actor,
+              "gpus_per_actor": cfg.gpus_per_actor}
+    if layout == "single":  # one actor per CPU or GPU, but none without a full call's work (--grm-batch)
+        n = cfg.actors or single_actors(nodes, device=cfg.device, blocks=math.ceil(todo / cfg.grm_batch))
+        batch = max(1, min(cfg.grm_batch, math.ceil(todo / n)))
+        plan = plan_resources(nodes, {"image": n, **scorers}, tasks=0, **common)
+        return Graph(layout, plan, batch, {}, cfg.sampling(layout, fused_ok))
+    grm, assemble, dit = light_and_dit(cfg, nodes, layout)
+    sizes: dict[Any, int] = {None: dit} if layout == "fused" else pool_sizes(cfg, dit, counts, steps)
+    names = {None: "dit"} | dict(enumerate(GROUP_POOLS))
+    pools = {"grm": grm, **{names[g]: k for g, k in sizes.items()}, "assemble": assemble, **scorers}
+    tasks = max(1, min(cfg.decode_tasks, todo))
+    plan = plan_resources(nodes, pools, tasks=tasks, **common)
+    return Graph(layout, plan, cfg.grm_batch, sizes, cfg.sampling(layout))
 
 
-def pipeline_dataset(cfg: PipelineConfig, items: list[dict[str, str]], sizes: dict[int, int]) -> Dataset:
+def _actor_args(pool: Any, size: int | None = None) -> dict[str, Any]:
+    from ray.data import ActorPoolStrategy
+
+    return {"compute": ActorPoolStrategy(size=size or pool.actors), "num_cpus": pool.num_cpus,
+            "num_gpus": pool.num_gpus}
+
+
+def pipeline_dataset(cfg: PipelineConfig, items: list[dict[str, str]], graph: Graph, model: SharedModel,
+                     rtm: SharedRTM) -> Dataset:
     """The whole graph over ``items`` (image id + meta); its rows are the images' manifest rows.
     Build it inside ``unsplit_blocks()``."""
-    dit = [(None, total_dit_actors(cfg))] if cfg.fused else list(sizes.items())
-    scorers = cfg.score.actors if cfg.score is not None else 0
-    res = actor_resources(cfg, cfg.grm_actors + cfg.assemble_actors + sum(n for _, n in dit) + scorers)
-    model_args = {"weights": cfg.weights, "device": cfg.device, "autoencoder": cfg.autoencoder}
-    tasks = max(1, min(cfg.decode_tasks, len(items)))
+    import ray
+    from ray.data import TaskPoolStrategy
+
+    pools = graph.plan.pools
+    model_args = {"weights": model, "device": cfg.device, "autoencoder": cfg.autoencoder}
+    score = cfg.score is not None
     ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
+    if graph.layout == "single":
+        from pipeline.single import ImageStage
+
+        ds = ds.map_batches(
+            ImageStage, batch_size=graph.batch, batch_format="numpy", **_actor_args(pools["image"]),
+            fn_constructor_kwargs={**model_args, "rtm": rtm, "seed": cfg.seed, "mode": cfg.mode,
+                                   "fused": graph.sampling.endswith("+fused"), "fmt": cfg.fmt,
+                                   "quality": cfg.quality, "max_pixels": cfg.max_pixels,
+                                   "storage_options": cfg.storage_options, "score": score,
+                                   "crash_marker": cfg.crash_marker},
+        )
+        return ds if cfg.score is None else with_scoring(ds, cfg, pools["score"])
+
+    from pipeline.stages import AssembleStage, DecodeStage, GRMStage, PatchDiTStage, ReadStage
+
+    tasks = {"compute": TaskPoolStrategy(size=graph.plan.tasks), "num_cpus": graph.plan.task_cpus}
     ds = ds.map_batches(ReadStage(storage_options=cfg.storage_options), batch_size=1, batch_format="numpy",
-                        concurrency=tasks, num_cpus=0.25)  # I/O bound
-    ds = ds.map_batches(DecodeStage(max_pixels=cfg.max_pixels), batch_size=1, batch_format="numpy",
-                        concurrency=tasks, num_cpus=1)
+                        **tasks)
+    ds = ds.map_batches(DecodeStage(max_pixels=cfg.max_pixels), batch_size=1, batch_format="numpy", **tasks)
     ds = ds.map_batches(
-        GRMStage, batch_size=cfg.grm_batch, batch_format="numpy", concurrency=cfg.grm_actors,
-        fn_constructor_kwargs={**model_args, "rtm": cfg.rtm, "seed": cfg.seed, "mode": cfg.mode,
-                               "storage_options": cfg.storage_options}, **res,
+        GRMStage, batch_size=graph.batch, batch_format="numpy", **_actor_args(pools["grm"]),
+        fn_constructor_kwargs={**model_args, "rtm": rtm, "seed": cfg.seed, "mode": cfg.mode,
+                               "storage_options": cfg.storage_options},
     )
-    for group, n in dit:
+    for group, n in graph.dit.items():
+        name = "dit" if group is None else GROUP_POOLS[group]
         ds = ds.map_batches(  # batch_size=None: whole blocks, so images stay whole
-            PatchDiTStage, batch_size=None, batch_format="numpy", concurrency=n,
-            fn_constructor_kwargs={**model_args, "rtm": cfg.rtm, "mode": cfg.mode, "group": group,
-                                   "crash_marker": cfg.crash_marker}, **res,
+            PatchDiTStage, batch_size=None, batch_format="numpy", **_actor_args(pools[name], n),
+            fn_constructor_kwargs={**model_args, "rtm": rtm, "mode": cfg.mode, "group": group,
+                                   "crash_marker": cfg.crash_marker},
         )
     ds = ds.map_batches(
-        AssembleStage, batch_size=None, batch_format="numpy", concurrency=cfg.assemble_actors,
+        AssembleStage, batch_size=None, batch_format="numpy", **_actor_args(pools["assemble"]),
         fn_constructor_kwargs={**model_args, "fmt": cfg.fmt, "quality": cfg.quality,
-                               "storage_options": cfg.storage_options, "sampling": cfg.sampling,
-                               "seed": cfg.seed, "score": cfg.score is not None}, **res,
+                               "storage_options": cfg.storage_options, "sampling": graph.sampling,
+                               "seed": cfg.seed, "score": score},
     )
-    return ds if cfg.score is None else with_scoring(ds, cfg, res)
+    return ds if cfg.score is None else with_scoring(ds, cfg, pools["score"])
 
 
-def with_scoring(ds: Dataset, cfg: PipelineConfig, res: dict[str, Any]) -> Dataset:
-    """Append the scoring pool. Its actors count among the model actors that share the cluster
-    (``res``), unless the score config sets their CPUs/GPUs; the metric models run on a GPU when the
+def with_scoring(ds: Dataset, cfg: PipelineConfig, pool: Any) -> Dataset:
+    """Append the scoring pool (resources from the plan); the metric models run on a GPU when its
     actors get a share of one."""
     from eval.metrics import resolve_cache_dir
     from eval.score import PipelineScoreStage
 
     sc = cfg.score
-    gpus = sc.gpus_per_actor if sc.gpus_per_actor is not None else res.get("num_gpus", 0.0)
-    device = sc.device if sc.device != "auto" else ("cuda" if gpus > 0 else "cpu")
+    device = sc.device if sc.device != "auto" else ("cuda" if pool.num_gpus > 0 else "cpu")
     return ds.map_batches(
-        PipelineScoreStage, batch_size=sc.batch_size, batch_format="numpy", concurrency=sc.actors,
-        num_cpus=sc.cpus_per_actor or res["num_cpus"], num_gpus=gpus,
+        PipelineScoreStage, batch_size=sc.batch_size, batch_format="numpy", **_actor_args(pool),
         fn_constructor_kwargs={"metrics": tuple(sc.metrics), "cache_dir": resolve_cache_dir(sc.cache_dir),
                                "device": device, "seed": sc.seed, "crop_border": sc.crop_border,
                                "storage_options": cfg.storage_options},
@@ -190,6 +282,8 @@ def with_scoring(ds: Dataset, cfg: PipelineConfig, res: dict[str, Any]) -> Datas
 @contextlib.contextmanager
 def unsplit_blocks() -> Iterator[None]:
     """Datasets built inside keep every block a map stage outputs whole (no size-based splitting)."""
+    from ray.data import DataContext
+
     ctx = DataContext.get_current()
     old = ctx.target_max_block_size
     ctx.target_max_block_size = None
@@ -199,11 +293,13 @@ def unsplit_blocks() -> Iterator[None]:
         ctx.target_max_block_size = old
 
 
-def iter_manifest_rows(cfg: PipelineConfig, items: list[dict[str, str]], sizes: dict[int, int]
-                       ) -> Iterator[dict[str, Any]]:
+def iter_manifest_rows(cfg: PipelineConfig, items: list[dict[str, str]], graph: Graph, model: SharedModel,
+                       rtm: SharedRTM) -> Iterator[dict[str, Any]]:
     """Run the graph over ``items``, yielding each image's manifest row as soon as it is written (with
     its score rows as JSON in ``schema.IQA`` when scoring)."""
     with unsplit_blocks():
-        ds = pipeline_dataset(cfg, items, sizes)
-    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        ds = pipeline_dataset(cfg, items, graph, model, rtm)
+    # prefetch_batches=0: with the default of 1 a block is handed over only once the next one has
+    # arrived, so every row reached the driver (and the manifest) one model call late
+    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
         yield from batch.to_pylist()

@@ -1,124 +1,85 @@
 """The driver of ``upscale-dataset``: list, skip what is finished, run, record.
 
-1. List the inputs (every non-hidden file under ``--input``; outputs under the input folder are left
-   out) and plan one output per input.
-2. Resume: drop the inputs whose latest manifest row is ``ok`` and whose planned output exists; delete
-   temp files a killed run left in a local output folder.
-3. Run the rest as one streaming Ray Data execution (``build.py``): memory and object-store use are
-   bounded by Ray Data's backpressure, not by the collection. The driver writes a manifest part every
-   ``--window`` finished images, so a killed job loses at most that many images' records (their
-   outputs, written atomically, are simply redone). With automatic pool sizes and more than two
-   windows to do, the first window runs alone and its patches per group size the pools of the rest.
-4. Rewrite the consolidated manifest (and ``scores.parquet`` when scoring) and print a summary.
-
-The manifest:
-- ``OUTPUT/_manifest/part-<run>-<n>.parquet``: the rows of ``--window`` finished images, written
-  (atomically) after their outputs were written. They are the record resume reads.
-- ``OUTPUT/manifest.parquet``: rewritten at the end of every run from the parts: for each input of the
-  run its latest row (``finished_at``), so one row per input however many runs it took.
-
-An image counts as finished when its latest row says ``ok`` **and** its output exists; anything else
-(no row, an error row, a missing output) is redone on the next run. Error rows are retried because
-some errors are transient (an object store hiccup, an out-of-memory on a busy GPU).
+1. :func:`plan_job` (no Ray): list the inputs (every non-hidden file under ``--input``; outputs under the
+   input folder are left out), plan one output per input, drop the finished ones (``manifest.py``) and
+   the ones that failed permanently before (unless ``--retry-failed``), delete temp files a killed run
+   left in a local output folder. With nothing left to do the job ends here, without starting Ray.
+2. :func:`run_pipeline`: run the rest as one streaming Ray Data execution (``build.py``); memory and
+   object-store use are bounded by Ray Data's backpressure, not by the collection. A thread consumes
+   the execution's rows while the driver records them (:class:`Recorder`: a manifest part at least every
+   ``--commit-seconds``) and shows one progress line. A storage outage while recording does not stop
+   the job: the rows stay in memory, are written at the next commit that succeeds, and the job ends
+   with its summary and exit code 1 if some never could be. With automatic pool sizes in the pools
+   layout and more than two windows to do, the first window runs alone and its patches per group size
+   the pools of the rest.
+3. Rewrite the consolidated manifest (and ``scores.parquet`` when scoring) and print a summary that
+   lists the failed images.
 
 Scores (``--score``) and group maps (``--maps``) of the same pass: see ``pipeline/scores.py``.
 """
 
 from __future__ import annotations
 
-import io
+import contextlib
+import os
+import posixpath
+import queue
+import re
+import sys
+import threading
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from pipeline import schema as S
 from pipeline import scores as Q
-from pipeline.build import GROUP_KEYS, PipelineConfig, iter_manifest_rows, pool_sizes, total_dit_actors
+from pipeline.build import GROUP_KEYS, PipelineConfig, cluster_nodes, iter_manifest_rows, plan_graph
 from pipeline.decode import EXTENSIONS, FORMATS
-from pipeline.io import (
-    MANIFEST_DIR,
-    existing,
-    filesystem,
-    is_remote,
-    join,
-    list_files,
-    normalize_root,
-    plan_outputs,
-    remove_partials,
-    write_bytes_atomic,
+from pipeline.io import SCORES_DIR, join, list_files, normalize_root, plan_outputs, remove, remove_partials
+from pipeline.manifest import (
+    COMPACT_EVERY,
+    MANIFEST_FILE,
+    consolidate,
+    finished_ids,
+    latest,
+    part_uri,
+    permanent_failures,
+    read_manifest,
+    read_parts,
+    remove_parts,
+    write_part,
 )
+from pipeline.progress import Progress
+from pipeline.shared import LoadedAssets
 
-MANIFEST_FILE = "manifest.parquet"
-
-
-def _table_bytes(rows: list[dict[str, Any]]) -> bytes:
-    table = pa.Table.from_pylist(rows, schema=S.MANIFEST_SCHEMA)
-    buf = io.BytesIO()
-    pq.write_table(table, buf)
-    return buf.getvalue()
-
-
-def write_part(output: str, name: str, rows: list[dict[str, Any]], options: dict[str, Any]) -> str:
-    """Write one window's rows as ``_manifest/part-<name>.parquet``; returns its URI."""
-    uri = join(output, MANIFEST_DIR, f"part-{name}.parquet")
-    write_bytes_atomic(uri, _table_bytes(rows), options)
-    return uri
+# the manifest functions live in manifest.py; these names stay importable from here
+__all__ = ["MANIFEST_FILE", "PipelineConfig", "Summary", "consolidate", "finished_ids", "part_uri",
+           "plan_job", "read_manifest", "read_parts", "run_pipeline", "write_part"]
+SHOWN_FAILURES = 20
+_IN_MEMORY = re.compile(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>")
 
 
-def read_parts(output: str, options: dict[str, Any]) -> pd.DataFrame:
-    """All manifest rows ever written under ``output`` (empty frame when there are none)."""
-    fs, path = filesystem(join(output, MANIFEST_DIR), options)
-    fs.invalidate_cache()
-    empty = S.MANIFEST_SCHEMA.empty_table().to_pandas()
-    if not fs.exists(path):
-        return empty
-    frames = []
-    for part in sorted(fs.find(path)):
-        if not part.endswith(".parquet") or "/." in part:
-            continue
-        with fs.open(part, "rb") as f:
-            frames.append(pq.read_table(f, schema=S.MANIFEST_SCHEMA).to_pandas())
-    return pd.concat(frames, ignore_index=True) if frames else empty
+def name_the_file(error: str, source: str) -> str:
+    """Pillow names an in-memory file ``<_io.BytesIO object at 0x…>``; the manifest names the source."""
+    return _IN_MEMORY.sub(posixpath.basename(source.replace(os.sep, "/")), error)
 
 
-def latest(rows: pd.DataFrame) -> pd.DataFrame:
-    """One row per id: the one finished last."""
-    if rows.empty:
-        return rows
-    return rows.sort_values("finished_at", kind="stable").drop_duplicates("id", keep="last")
+def _short(exc: BaseException) -> str:
+    """``Type: first line of the message`` (Ray errors carry whole tracebacks), at most 300 chars."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
 
 
-def finished_ids(output: str, planned: dict[str, str], options: dict[str, Any]) -> set[str]:
-    """Ids (of ``planned``: id -> this run's output URI) whose latest manifest row is ``ok`` and whose
-    output is present. The planned URI is checked, not the recorded one, so a moved output folder
-    still resumes and a change of ``--format`` redoes everything."""
-    rows = latest(read_parts(output, options))
-    ok = [i for i in rows.loc[rows["status"] == S.STATUS_OK, "id"] if i in planned]
-    present = existing([planned[i] for i in ok], output, options)
-    return {i for i in ok if planned[i] in present}
-
-
-def consolidate(output: str, ids: list[str], options: dict[str, Any]) -> pd.DataFrame:
-    """Write ``OUTPUT/manifest.parquet``: the latest row of every id in ``ids`` that has one."""
-    rows = latest(read_parts(output, options))
-    rows = rows[rows["id"].isin(set(ids))].sort_values("source", kind="stable")
-    records = rows.to_dict("records")
-    write_bytes_atomic(join(output, MANIFEST_FILE), _table_bytes(records), options)
-    return rows.reset_index(drop=True)
-
-
-def read_manifest(output: str, options: dict[str, Any] | None = None) -> pd.DataFrame:
-    """The consolidated manifest of a finished run."""
-    fs, path = filesystem(join(output, MANIFEST_FILE), options or {})
-    if is_remote(output):
-        fs.invalidate_cache()
-    with fs.open(path, "rb") as f:
-        return pq.read_table(f).to_pandas()
+@dataclass
+class JobPlan:
+    sources: list[str]
+    planned: dict[str, str]  # image id -> output URI
+    todo: list[dict[str, str]]  # the items to run (image id + meta)
+    done: int  # finished by an earlier run
+    kept: pd.DataFrame  # latest rows of permanent failures that are not retried
 
 
 @dataclass
@@ -129,7 +90,12 @@ class Summary:
     failed: int
     seconds: float
     parts: int  # manifest parts written
-    pools: list[dict[str, int]]  # Patch-DiT pool sizes per execution
+    pools: list[dict[str, int]]  # actors per pool, per execution
+    kept: int = 0  # failed permanently before, not retried (--retry-failed)
+    unrecorded: int = 0  # finished rows that could not be written to the manifest
+    storage_error: str = ""
+    failures: list[tuple[str, str]] = field(default_factory=list)  # (source, error), this run's first
+    manifest: str = ""
 
     @property
     def processed(self) -> int:
@@ -139,9 +105,33 @@ class Summary:
     def images_per_second(self) -> float:
         return self.processed / self.seconds if self.seconds > 0 else 0.0
 
+    @property
+    def all_ok(self) -> bool:
+        return not (self.failed or self.kept or self.unrecorded or self.storage_error)
+
     def line(self) -> str:
-        return (f"done: {self.ok} ok, {self.failed} failed, {self.skipped} skipped (already done) "
-                f"of {self.inputs} inputs in {self.seconds:.1f} s, {self.images_per_second:.2f} images/s")
+        text = (f"done: {self.ok} ok, {self.failed} failed, {self.skipped} skipped (already done) "
+                f"of {self.inputs} inputs in {self.seconds:.1f} s")
+        if self.processed:
+            text += f", {self.images_per_second:.2f} images/s"
+        if self.kept:
+            text += f"; {self.kept} failed before and not retried (--retry-failed retries them)"
+        return text
+
+    def report(self) -> list[str]:
+        """The closing lines: the summary, the failed images (the first 20), where the manifest is."""
+        lines = [self.line()]
+        if self.failures:
+            lines.append(f"failed images ({len(self.failures)}):")
+            lines += [f"  {source}: {error}" for source, error in self.failures[:SHOWN_FAILURES]]
+            if len(self.failures) > SHOWN_FAILURES:
+                lines.append(f"  ... and {len(self.failures) - SHOWN_FAILURES} more")
+        if self.unrecorded or self.storage_error:
+            lines.append(f"error: storage failed, {self.unrecorded} results not recorded "
+                         f"({self.storage_error}); run the same command again to redo them")
+        if self.manifest:
+            lines.append(f"manifest: {self.manifest}")
+        return lines
 
 
 def plan_inputs(cfg: PipelineConfig) -> tuple[list[str], dict[str, str]]:
@@ -160,53 +150,15 @@ def plan_inputs(cfg: PipelineConfig) -> tuple[list[str], dict[str, str]]:
     return sources, plan_outputs(sources, in_root, out_root, EXTENSIONS[cfg.fmt])
 
 
-def sampler_steps(cfg: PipelineConfig) -> tuple[int, int, int]:
-    """Model calls per patch of each group, for sizing the pools (uniform: the hard group's)."""
-    from patchscaler.weights import load_config
-
-    sampler = load_config(cfg.weights).sampler
-    mode = cfg.mode or sampler.mode
-    steps = tuple(sampler.steps)
-    return (steps[-1],) * 3 if mode == "uniform" else (steps[0], steps[1], steps[2])
-
-
 def _item(cfg: PipelineConfig, source: str, output: str) -> dict[str, str]:
     meta = S.new_meta(source=source, output=output, map_uri=Q.map_uri(cfg.output, output) if cfg.maps else "",
                       eval_info=Q.eval_info(cfg, source) if cfg.score is not None else None)
     return {S.IMAGE_ID: S.image_id(source), S.META: S.dump_meta(meta)}
 
 
-def _finished(cfg: PipelineConfig, sources: list[str], planned: dict[str, str]) -> set[str]:
-    """Ids to skip: ok, output present and, when scoring, scored with every metric they should get."""
-    if cfg.overwrite:
-        return set()
-    done = finished_ids(cfg.output, planned, cfg.storage_options)
-    if cfg.score is None or not done:
-        return done
-    required = {S.image_id(s): Q.required_metrics(cfg, Q.eval_info(cfg, s)) for s in sources}
-    rows = latest(read_parts(cfg.output, cfg.storage_options))
-    return done & Q.scored_ids(cfg.output, rows, {i: required[i] for i in done}, cfg.storage_options)
-
-
-def lost_row(item: dict[str, str], cfg: PipelineConfig) -> dict[str, Any]:
-    """The manifest row of an image the execution did not return (redone by the next run)."""
-    meta = S.fail(S.load_meta(item[S.META]), "pipeline", RuntimeError("no result came back"))
-    return S.manifest_row(meta, image_id_=item[S.IMAGE_ID], sampling=cfg.sampling, seed=cfg.seed,
-                          finished_at=time.time())
-
-
-def executions(cfg: PipelineConfig, items: list[dict[str, str]]) -> list[list[dict[str, str]]]:
-    """One execution for all items, except that with automatic pool sizes a long run first executes
-    one window alone, whose patches per group then size the pools of the rest."""
-    probe = not cfg.fused and not isinstance(cfg.dit_actors, dict) and len(items) > 2 * cfg.window
-    return [items[:cfg.window], items[cfg.window:]] if probe else [items]
-
-
-def run_pipeline(cfg: PipelineConfig, *, echo: bool = True) -> Summary:
-    """Upscale every unfinished input of ``cfg.input`` into ``cfg.output`` on the connected Ray cluster.
-    With ``cfg.score`` the metric weights are checked first (``eval.metrics.MissingWeightsError`` before
-    anything starts)."""
-    start = time.perf_counter()
+def plan_job(cfg: PipelineConfig) -> JobPlan:
+    """What this run has to do; reads the manifest, never starts Ray. With ``cfg.score`` the metric
+    weights are checked first (``eval.metrics.MissingWeightsError``)."""
     if cfg.score is not None:
         from eval.metrics import check_weights, resolve_cache_dir
 
@@ -215,56 +167,236 @@ def run_pipeline(cfg: PipelineConfig, *, echo: bool = True) -> Summary:
     sources, outputs = plan_inputs(cfg)
     remove_partials(cfg.output)
     planned = {S.image_id(s): outputs[s] for s in sources}
-    done = _finished(cfg, sources, planned)
-    todo = [_item(cfg, s, outputs[s]) for s in sources if S.image_id(s) not in done]
-    steps = sampler_steps(cfg)
-    run_id = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
-    if echo:
-        print(f"{len(sources)} inputs, {len(sources) - len(todo)} already done, {len(todo)} to do",
-              flush=True)
+    rows = latest(read_parts(cfg.output, cfg.storage_options))
+    done: set[str] = set()
+    kept = rows.iloc[0:0]
+    if not cfg.overwrite:
+        done = finished_ids(cfg.output, planned, cfg.storage_options, rows)
+        if cfg.score is not None and done:  # and scored with every metric they should get
+            required = {S.image_id(s): Q.required_metrics(cfg, Q.eval_info(cfg, s)) for s in sources}
+            done &= Q.scored_ids(cfg.output, rows, {i: required[i] for i in done}, cfg.storage_options)
+        if not cfg.retry_failed:
+            kept = permanent_failures(rows, planned)
+    skip = done | set(kept["id"])
+    todo = [_item(cfg, s, outputs[s]) for s in sources if S.image_id(s) not in skip]
+    return JobPlan(sources=sources, planned=planned, todo=todo, done=len(done), kept=kept)
+
+
+def sampler_steps(config: Any, mode: str | None) -> tuple[int, int, int]:
+    """Model calls per patch of each group, for sizing the pools (uniform: the hard group's)."""
+    steps = tuple(config.sampler.steps)
+    return (steps[-1],) * 3 if (mode or config.sampler.mode) == "uniform" else (steps[0], steps[1], steps[2])
+
+
+def lost_row(item: dict[str, str], cfg: PipelineConfig, sampling: str, why: str) -> dict[str, Any]:
+    """The manifest row of an image the execution did not return (redone by the next run)."""
+    meta = S.fail(S.load_meta(item[S.META]), "pipeline", RuntimeError(why))
+    return S.manifest_row(meta, image_id_=item[S.IMAGE_ID], sampling=sampling, seed=cfg.seed,
+                          finished_at=time.time())
+
+
+class Recorder:
+    """Buffers finished rows and writes them as manifest (and score) parts, at least every
+    ``commit_seconds`` and at most ``window`` rows per part; merges a run's parts as it goes. A failed
+    write keeps the rows for the next commit (pipeline.io retries each write before giving up)."""
+
+    def __init__(self, cfg: PipelineConfig, run_id: str) -> None:
+        self.cfg, self.run_id = cfg, run_id
+        self.rows: list[dict[str, Any]] = []
+        self.scores: list[dict[str, Any]] = []
+        self.parts: list[tuple[str, list[dict[str, Any]], list[dict[str, Any]]]] = []  # small, unmerged
+        self.n = self.written = self.scored = 0
+        self.last = time.monotonic()
+        self.error = ""
+
+    def add(self, row: dict[str, Any]) -> None:
+        row = {f.name: row[f.name] for f in S.MANIFEST_SCHEMA}
+        row["error"] = name_the_file(row["error"], row["source"])
+        self.rows.append(row)
+        self.scores += Q.rows_of(row)
+
+    def due(self) -> bool:
+        return bool(self.rows) and (len(self.rows) >= self.cfg.window
+                                    or time.monotonic() - self.last >= self.cfg.commit_seconds)
+
+    def _write(self, name: str, rows: list[dict[str, Any]], scores: list[dict[str, Any]]) -> None:
+        opts = self.cfg.storage_options
+        if self.cfg.score is not None:  # the scores first: a manifest part never lacks its scores
+            Q.write_part(self.cfg.output, name, scores, opts)
+        write_part(self.cfg.output, name, rows, opts)
+
+    def commit(self) -> bool:
+        self.last = time.monotonic()
+        if not self.rows:
+            return True
+        name = f"{self.run_id}-{self.n:05d}"
+        try:
+            self._write(name, self.rows, self.scores)
+        except Exception as exc:  # storage outage: keep the rows, try again at the next commit
+            if not self.error:
+                print(f"warning: cannot record results ({_short(exc)}); retrying", file=sys.stderr,
+                      flush=True)
+            self.error = _short(exc)
+            return False
+        self.error = ""
+        self.n += 1
+        self.written += len(self.rows)
+        self.scored += len(self.scores)
+        self.parts.append((name, self.rows, self.scores))
+        self.rows, self.scores = [], []
+        if len(self.parts) >= COMPACT_EVERY:
+            self.merge()
+        return True
+
+    def merge(self) -> None:
+        """Merge the run's unmerged small parts into one (deleted after it is written). Merged parts are
+        not merged again: a long run writes one file per ``COMPACT_EVERY`` commits, each once."""
+        if len(self.parts) < 2:
+            return
+        names = [name for name, _, _ in self.parts]
+        merged = f"{self.run_id}-c{self.n:05d}"
+        try:
+            self._write(merged, [r for _, rows, _ in self.parts for r in rows],
+                        [r for _, _, scores in self.parts for r in scores])
+        except Exception:  # merging only tidies up: the small parts hold the same rows
+            return
+        self.n += 1
+        self.parts = []
+        opts = self.cfg.storage_options
+        with contextlib.suppress(Exception):
+            remove_parts(self.cfg.output, names, opts)
+            if self.cfg.score is not None:
+                for name in names:
+                    remove(join(self.cfg.output, SCORES_DIR, f"part-{name}.parquet"), opts)
+
+    def close(self) -> None:
+        self.commit()
+        if not self.rows:
+            self.merge()
+
+
+def executions(cfg: PipelineConfig, layout: str, items: list[dict[str, str]]) -> list[list[dict[str, str]]]:
+    """One execution for all items, except that in the pools layout with automatic pool sizes a long
+    run first executes one window alone, whose patches per group then size the pools of the rest."""
+    probe = layout == "pools" and not isinstance(cfg.dit_actors, dict) and len(items) > 2 * cfg.window
+    return [items[:cfg.window], items[cfg.window:]] if probe else [items]
+
+
+def _pump(rows: Any, out: queue.Queue) -> None:
+    try:
+        for row in rows:
+            out.put(("row", row))
+    except BaseException as exc:  # the execution failed as a whole: the driver records the rest as lost
+        out.put(("error", exc))
+    out.put(("end", None))
+
+
+@dataclass
+class _Tally:
+    ok: int = 0
+    failed: int = 0
+    failures: list[tuple[str, str]] = field(default_factory=list)
+    pools: list[dict[str, int]] = field(default_factory=list)
+
+
+def _execute(cfg: PipelineConfig, todo: list[dict[str, str]], assets: LoadedAssets, recorder: Recorder,
+             progress: Progress, echo: bool) -> _Tally:
+    from pipeline.shared import share
+    from pipeline.single import can_fuse
+
+    model, rtm = share(assets)
+    nodes = cluster_nodes()
+    steps = sampler_steps(assets.model.config, cfg.mode)
+    fused_ok = can_fuse(assets.model.config, cfg.mode)
+    layout = cfg.resolved_layout(len(todo))
     counts = dict.fromkeys(range(3), 0)  # patches per group so far: sizes the pools
-    ok = failed = parts = scored = 0
-    pools: list[dict[str, int]] = []
-    for items in executions(cfg, todo) if todo else []:
-        sizes = pool_sizes(cfg, counts, steps)
-        pools.append({GROUP_KEYS[g]: n for g, n in sizes.items()} or {"fused": total_dit_actors(cfg)})
+    tally = _Tally()
+    for items in executions(cfg, layout, todo):
+        graph = plan_graph(cfg, nodes, layout=layout, todo=len(items), counts=counts, steps=steps,
+                           fused_ok=fused_ok)
+        tally.pools.append({name: p.actors for name, p in graph.plan.pools.items()})
         if echo:
-            print(f"running {len(items)} images, Patch-DiT actors {pools[-1]}", flush=True)
+            print(f"running {len(items)} images: {graph.describe()}", flush=True)
         pending = {i[S.IMAGE_ID]: i for i in items}
-        buffer: list[dict[str, Any]] = []
-        score_rows: list[dict[str, Any]] = []
-        rows = iter_manifest_rows(cfg, items, sizes)
+        rows: queue.Queue = queue.Queue()
+        stream = iter_manifest_rows(cfg, items, graph, model, rtm)
+        threading.Thread(target=_pump, args=(stream, rows), daemon=True, name="pipeline-rows").start()
+        why = "no result came back"
         while True:
-            row = next(rows, None)
-            if row is not None and pending.pop(row["id"], None) is not None:
-                buffer.append(row)
-                score_rows += Q.rows_of(row)
+            try:
+                kind, value = rows.get(timeout=0.5)
+            except queue.Empty:
+                kind, value = "", None
+            if kind == "row" and pending.pop(value["id"], None) is not None:
+                recorder.add(value)
                 for g, name in enumerate(GROUP_KEYS):
-                    counts[g] += int(row[f"patches_{name}"])
-                ok, failed = (ok + 1, failed) if row["status"] == S.STATUS_OK else (ok, failed + 1)
-            if row is None:  # the execution is over: whatever did not come back is an error
-                buffer += [lost_row(i, cfg) for i in pending.values()]
-                failed += len(pending)
-            if buffer and (row is None or len(buffer) >= cfg.window):
-                if cfg.score is not None:  # the scores first: a manifest part never lacks its scores
-                    Q.write_part(cfg.output, f"{run_id}-{parts:05d}", score_rows, cfg.storage_options)
-                    scored += len(score_rows)
-                write_part(cfg.output, f"{run_id}-{parts:05d}", buffer, cfg.storage_options)
-                parts += 1
-                buffer, score_rows = [], []
-                if echo:
-                    print(f"recorded {ok + failed}/{len(todo)}: {ok} ok, {failed} failed", flush=True)
-            if row is None:
+                    counts[g] += int(value[f"patches_{name}"])
+                if value["status"] == S.STATUS_OK:
+                    tally.ok += 1
+                else:
+                    tally.failed += 1
+                    tally.failures.append((value["source"], recorder.rows[-1]["error"]))
+            elif kind == "error":
+                why = f"the pipeline stopped: {_short(value)}"
+                print(f"error: {why}", file=sys.stderr, flush=True)
+            elif kind == "end":
                 break
-    manifest = consolidate(cfg.output, [S.image_id(s) for s in sources], cfg.storage_options)
-    if cfg.score is not None:
-        scores = Q.consolidate(cfg.output, manifest, cfg.storage_options)
-        if echo:
-            nan, images = int(scores["value"].isna().sum()), scores["image_id"].nunique()
-            print(f"scores: {len(scores)} values ({scored} new, {nan} failed) of {images} images -> "
-                  f"{join(cfg.output, Q.SCORES_FILE)}", flush=True)
-    summary = Summary(inputs=len(sources), skipped=len(sources) - len(todo), ok=ok, failed=failed,
-                      seconds=time.perf_counter() - start, parts=parts, pools=pools)
+            if recorder.due():
+                recorder.commit()
+            progress.update(tally.ok, tally.failed)
+        for item in pending.values():  # whatever did not come back is an error, redone next time
+            row = lost_row(item, cfg, graph.sampling, why)
+            recorder.add(row)
+            tally.failed += 1
+            tally.failures.append((row["source"], row["error"]))
+        recorder.commit()
+    return tally
+
+
+def run_pipeline(cfg: PipelineConfig, *, echo: bool = True, plan: JobPlan | None = None,
+                 assets: LoadedAssets | None = None, progress: bool = True) -> Summary:
+    """Upscale every unfinished input of ``cfg.input`` into ``cfg.output``. Ray must be initialised when
+    there is something to do (``plan.todo``); the checkpoint and RTM are loaded here unless ``assets``
+    (``pipeline.shared.load_assets``) come with the call."""
+    start = time.perf_counter()
+    plan = plan or plan_job(cfg)
     if echo:
-        print(summary.line(), flush=True)
+        kept = f", {len(plan.kept)} failed before (not retried)" if len(plan.kept) else ""
+        print(f"{len(plan.sources)} inputs: {len(plan.todo)} to do, {plan.done} already done{kept}",
+              flush=True)
+    run_id = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
+    recorder = Recorder(cfg, run_id)
+    tally = _Tally()
+    bar = Progress(len(plan.todo), enabled=echo and progress)
+    try:
+        if plan.todo:
+            if assets is None:
+                from pipeline.shared import load_assets
+
+                assets = load_assets(cfg.weights, cfg.rtm, autoencoder=cfg.autoencoder)
+            tally = _execute(cfg, plan.todo, assets, recorder, bar, echo)
+    finally:  # also on Ctrl-C: what finished is recorded
+        recorder.close()
+        bar.close()
+    storage_error = recorder.error
+    manifest = pd.DataFrame()
+    try:
+        manifest = consolidate(cfg.output, [S.image_id(s) for s in plan.sources], cfg.storage_options)
+        if cfg.score is not None:
+            scores = Q.consolidate(cfg.output, manifest, cfg.storage_options)
+            if echo:
+                nan, images = int(scores["value"].isna().sum()), scores["image_id"].nunique()
+                print(f"scores: {len(scores)} values ({recorder.scored} new, {nan} failed) of {images} "
+                      f"images -> {join(cfg.output, Q.SCORES_FILE)}", flush=True)
+    except Exception as exc:  # storage outage at the very end: the parts that were written stay
+        storage_error = storage_error or _short(exc)
+    kept = [(r.source, r.error) for r in plan.kept.itertuples()]
+    summary = Summary(inputs=len(plan.sources), skipped=plan.done, ok=tally.ok, failed=tally.failed,
+                      seconds=time.perf_counter() - start, parts=recorder.n, pools=tally.pools,
+                      kept=len(plan.kept), unrecorded=len(recorder.rows), storage_error=storage_error,
+                      failures=sorted(tally.failures) + sorted(kept),
+                      manifest=join(cfg.output, MANIFEST_FILE) if not manifest.empty else "")
+    if echo:
+        print("\n".join(summary.report()), flush=True)
     return summary
+

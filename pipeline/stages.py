@@ -24,17 +24,19 @@ from patchscaler.model import PatchScalerModel
 from patchscaler.patching import plan_grid
 from patchscaler.pgs import group_plan
 from patchscaler.upscaler import finish, group_map, plan_patches, refine, restore, retrieve, texture_prompts
-from patchscaler.weights import load_checkpoint, load_rtm
 from pipeline import schema as S
 from pipeline.decode import GREY_MODES, decode_image, encode_group_map, encode_output, to_float, to_uint8
 from pipeline.io import read_bytes, write_bytes_atomic
+from pipeline.shared import SharedModel, SharedRTM, load_model_source, load_rtm_source
 
 Batch = dict[str, np.ndarray]
 
 
-def load_model(weights: str, *, device: str, mode: str | None, autoencoder: str | None) -> PatchScalerModel:
-    """The checkpoint on ``device``, with the sampling mode overridden when ``mode`` is given."""
-    model = load_checkpoint(weights, device=device, autoencoder=autoencoder)
+def load_model(weights: str | SharedModel, *, device: str, mode: str | None, autoencoder: str | None
+               ) -> PatchScalerModel:
+    """The checkpoint (a path, or the driver's copy in the object store: ``pipeline/shared.py``) on
+    ``device``, with the sampling mode overridden when ``mode`` is given."""
+    model = load_model_source(weights, device=device, autoencoder=autoencoder)
     if mode:
         model.config = model.config.replace(sampler=replace(model.config.sampler, mode=mode))
     return model
@@ -139,11 +141,11 @@ class GRMStage:
     call become one block (see ``build.py``). An image whose ``meta["map"]`` names a file gets its group
     map written there (``--maps``): one pixel per latent pixel, the group of the nearest patch (Fig. 7)."""
 
-    def __init__(self, *, weights: str, rtm: str, device: str, seed: int, mode: str | None,
-                 autoencoder: str | None, storage_options: dict[str, Any]) -> None:
+    def __init__(self, *, weights: str | SharedModel, rtm: str | SharedRTM, device: str, seed: int,
+                 mode: str | None, autoencoder: str | None, storage_options: dict[str, Any]) -> None:
         self.model = load_model(weights, device=device, mode=mode, autoencoder=autoencoder)
         self.storage_options = storage_options
-        self.rtm, manifest = load_rtm(rtm, use_gpu=device.startswith("cuda"))
+        self.rtm, manifest = load_rtm_source(rtm, use_gpu=device.startswith("cuda"))
         self.rtm_version = str(manifest.get("version", ""))
         self.seed = seed
         cfg = self.model.config
@@ -258,10 +260,10 @@ class PatchDiTStage:
     (τ, N). ``crash_marker`` is for fault-tolerance tests only: the first call that finds no file there
     creates it and kills the actor's process."""
 
-    def __init__(self, *, weights: str, rtm: str, device: str, mode: str | None, autoencoder: str | None,
-                 group: int | None, crash_marker: str | None = None) -> None:
+    def __init__(self, *, weights: str | SharedModel, rtm: str | SharedRTM, device: str, mode: str | None,
+                 autoencoder: str | None, group: int | None, crash_marker: str | None = None) -> None:
         self.model = load_model(weights, device=device, mode=mode, autoencoder=autoencoder)
-        self.rtm, _ = load_rtm(rtm, use_gpu=False)  # only its values are gathered here, no search
+        self.rtm, _ = load_rtm_source(rtm, use_gpu=False)  # only its values are gathered here, no search
         self.schedule = NoiseSchedule(config=self.model.config.sampler)
         self.group = group
         self.crash_marker = crash_marker
@@ -303,8 +305,9 @@ class AssembleStage:
     that image's error row (stage ``write``), never a failed actor. With ``score`` the rows also carry the
     written bytes and the scoring info to the scoring pool (``schema.ENCODED``/``EVAL``)."""
 
-    def __init__(self, *, weights: str, device: str, autoencoder: str | None, fmt: str, quality: int,
-                 storage_options: dict[str, Any], sampling: str, seed: int, score: bool) -> None:
+    def __init__(self, *, weights: str | SharedModel, device: str, autoencoder: str | None, fmt: str,
+                 quality: int, storage_options: dict[str, Any], sampling: str, seed: int,
+                 score: bool) -> None:
         self.model = load_model(weights, device=device, mode=None, autoencoder=autoencoder)
         self.fmt, self.quality = fmt, quality
         self.storage_options = storage_options

@@ -56,7 +56,8 @@ def tiny_rtm(tiny_model: PatchScalerModel) -> ReferenceTextureMemory:
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """One local Ray instance for the whole test session (a start costs 10-20 s here)."""
+    """One private local Ray instance for the whole test session (a start costs 10-20 s here); never
+    one that another process started on the machine."""
     import ray
 
     if not ray.is_initialized():

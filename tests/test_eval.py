@@ -29,6 +29,7 @@ from eval.datasets import (
 )
 from eval.metrics import CACHE_ENV, METRICS, MetricScorer, MissingWeightsError, file_sha256, resolve_cache_dir
 from eval.results import HISTORY_SCHEMA, RESULT_SCHEMA, SUMMARY_SCHEMA
+from jobs.checks import UsageError
 
 
 def smooth_image(g: torch.Generator, h: int, w: int) -> torch.Tensor:
@@ -139,9 +140,11 @@ def test_missing_weights_error_names_files(tmp_path: Path, monkeypatch: pytest.M
     for name in ("maniqa-pipal", "musiq", "lpips"):
         for rel, url in METRICS[name].files:
             assert str(tmp_path / "env-cache" / rel) in text and url in text
-    # the job stops before starting anything, with the same message and exit code 2
+    # the job stops before starting anything, naming the files in one line (the CLI exits with 2)
     args = _job_args(["--results", str(tmp_path), "--out", str(tmp_path / "out"), "--metrics", "musiq"])
-    assert evaluate_job.run(args) == 2
+    with pytest.raises(UsageError) as stop:
+        evaluate_job.run(args)
+    assert METRICS["musiq"].files[0][0] in str(stop.value) and "\n" not in str(stop.value)
     assert not (tmp_path / "out").exists()
 
 
@@ -246,7 +249,9 @@ def test_clip_weights_with_the_wrong_hash_are_refused(tmp_path: Path) -> None:
         metrics_module._local_clip_download(str(tmp_path))(url, str(tmp_path / "elsewhere"))
     args = _job_args(["--results", str(tmp_path), "--out", str(tmp_path / "out"), "--metrics", "clipiqa",
                       "--metric-cache", str(tmp_path)])
-    assert evaluate_job.run(args) == 2 and not (tmp_path / "out").exists()
+    with pytest.raises(UsageError, match=wrong):
+        evaluate_job.run(args)
+    assert not (tmp_path / "out").exists()
 
 
 def test_lpips_loads_random_weights_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,0 +1,199 @@
+"""The resource plan: which actor pools a job runs, how many actors each gets, and what every actor and
+task asks Ray for. Pure functions of the cluster's nodes and the job (no Ray here), so that every
+combination can be checked in a unit test (``tests/test_plan.py``); ``build.py`` applies the plan.
+
+A plan must *fit*: all actors of all pools run at the same time (the graph streams), and beside them
+one read task and one decode task must still find room, else the job waits forever (issue 11: six
+actors of ``round(1/6, 3)`` CPU left 0.998 CPU for a 1-CPU decode task). Fitting is checked by placing
+every request on the nodes (``fits``); a plan that cannot fit raises :class:`PlanError`, one line.
+
+How the plan is made (derivation and GPU figures: ``docs/pipeline.md``, "Resource plan"):
+
+- Every actor of a job asks for the same CPUs and the same GPU fraction. With equal requests any
+  placement order Ray chooses fits when one placement does, so no actor can be left pending because
+  others took the room it needed.
+- Requests are rounded *down* to Ray's resource unit (1e-4), so their sum never exceeds the cluster.
+- Read/decode tasks (the ``pools`` layout) ask for ``task_cpus`` each; two of them are kept free.
+- GPUs: ``k = ceil(actors / GPUs)`` actors share a GPU, each asking ``1/k`` (rounded down).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+UNIT = 1e-4  # Ray's resource granularity
+RESERVED_TASKS = 2  # one read and one decode task always find room beside the actors
+LAYOUTS = ("auto", "single", "pools", "fused")
+GROUP_POOLS = ("dit-simple", "dit-medium", "dit-hard")
+DIT_SLOTS_PER_GPU = 2  # Patch-DiT actors per GPU on multi-GPU nodes (docs/pipeline.md)
+LIGHT_SHARE = 0.05  # upper bound of the GPU work of one light stage (GRM or assemble) per image
+SMALL_JOB = 16  # images: below this a GPU job runs the single layout (start-up dominates)
+
+
+class PlanError(ValueError):
+    """The job's pools cannot fit on the cluster; the message is one line for the user."""
+
+
+@dataclass(frozen=True)
+class Node:
+    cpus: float
+    gpus: int = 0
+
+
+@dataclass(frozen=True)
+class PoolPlan:
+    actors: int
+    num_cpus: float
+    num_gpus: float = 0.0
+
+
+@dataclass(frozen=True)
+class ResourcePlan:
+    pools: dict[str, PoolPlan]  # graph order
+    task_cpus: float = 0.0  # CPUs of each read/decode task (0: the layout has none)
+    tasks: int = 0  # at most this many read (and decode) tasks at once
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def actors(self) -> int:
+        return sum(p.actors for p in self.pools.values())
+
+    def requests(self) -> list[tuple[float, float]]:
+        """(CPUs, GPUs) of every actor, then of the reserved tasks: what must fit at once."""
+        out = [(p.num_cpus, p.num_gpus) for p in self.pools.values() for _ in range(p.actors)]
+        return out + [(self.task_cpus, 0.0)] * (RESERVED_TASKS if self.tasks else 0)
+
+
+def floor_unit(x: float) -> float:
+    """``x`` rounded down to Ray's resource unit (and never below 0)."""
+    return max(0.0, math.floor(x / UNIT + 1e-9) * UNIT)
+
+
+def _place(nodes: list[Node], requests: list[tuple[float, float]], order: str) -> bool:
+    """Place ``requests`` (CPUs, GPUs) one by one: on the first node with room (``pack``), the last
+    (``reverse``) or the emptiest (``spread``); a GPU fraction within one GPU, whole GPUs for >= 1."""
+    free_cpu = [n.cpus for n in nodes]
+    free_gpu = [[1.0] * n.gpus for n in nodes]
+
+    def gpu_slots(i: int, gpu: float) -> list[int] | None:
+        if gpu <= 0:
+            return []
+        if gpu >= 1:
+            whole = [j for j, f in enumerate(free_gpu[i]) if f >= 1 - 1e-9][: math.ceil(gpu - 1e-9)]
+            return whole if len(whole) == math.ceil(gpu - 1e-9) else None
+        j = next((j for j, f in enumerate(free_gpu[i]) if f + 1e-9 >= gpu), None)
+        return None if j is None else [j]
+
+    for cpu, gpu in requests:
+        room = [i for i in range(len(nodes)) if free_cpu[i] + 1e-9 >= cpu and gpu_slots(i, gpu) is not None]
+        if not room:
+            return False
+        i = {"pack": room[0], "reverse": room[-1]}.get(order) or max(room, key=lambda i: free_cpu[i])
+        for j in gpu_slots(i, gpu) or []:
+            free_gpu[i][j] = 0.0 if gpu >= 1 else free_gpu[i][j] - gpu
+        free_cpu[i] -= cpu
+    return True
+
+
+def fits(nodes: list[Node], requests: list[tuple[float, float]]) -> bool:
+    """Whether ``requests`` fit on ``nodes`` however Ray places them: the actors (GPU requests first,
+    then by size) packed onto the first nodes, onto the last ones or spread, and the tasks (requests
+    without GPU that come last with ``ResourcePlan.requests``) in the room that is left."""
+    return all(_place(nodes, requests, order) for order in ("pack", "reverse", "spread"))
+
+
+def task_cpus(nodes: list[Node]) -> float:
+    """CPUs of one read/decode task: half a CPU, less on the smallest nodes (1 CPU: 1/8)."""
+    return floor_unit(min(0.5, min(n.cpus for n in nodes) / 8))
+
+
+def plan_resources(nodes: list[Node], pools: dict[str, int], *, device: str, tasks: int = 0,
+                   cpus_per_actor: float | None = None, gpus_per_actor: float | None = None
+                   ) -> ResourcePlan:
+    """The plan of ``pools`` (name -> actors, graph order) on ``nodes``, with ``tasks`` concurrent
+    read/decode tasks (0 when the layout reads inside its actors). ``PlanError`` when it cannot fit."""
+    if not nodes or sum(n.cpus for n in nodes) < 1 - 1e-9:
+        raise PlanError("the Ray cluster has less than 1 CPU")
+    actors = sum(pools.values())
+    if actors < 1 or min(pools.values()) < 1:
+        raise PlanError(f"every pool needs at least one actor, got {pools}")
+    gpus = sum(n.gpus for n in nodes)
+    cuda = device.startswith("cuda")
+    if cuda and gpus == 0:
+        raise PlanError(f"--device {device} but the Ray cluster has no GPU")
+    t = task_cpus(nodes) if tasks else 0.0
+    reserve = [(t, 0.0)] * (RESERVED_TASKS if tasks else 0)
+
+    gpu = 0.0
+    if cuda:
+        gpu = gpus_per_actor if gpus_per_actor is not None else floor_unit(1 / math.ceil(actors / gpus))
+
+    def requests(cpu: float) -> list[tuple[float, float]]:  # actors first, then the reserved tasks
+        return [(cpu, gpu)] * actors + reserve
+
+    if cpus_per_actor is not None:
+        cpu = cpus_per_actor
+    else:  # the largest equal share that fits: at most 1 CPU per actor on GPU nodes, a node on CPU
+        cap = 1.0 if cuda else max(n.cpus for n in nodes)
+        lo, hi = 0, int(cap / UNIT + 1e-9)
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if fits(nodes, requests(mid * UNIT)) else (lo, mid - 1)
+        cpu = lo * UNIT
+    if cpu < UNIT or not fits(nodes, requests(cpu)):
+        want = f"{actors} actors x {cpu:g} CPU" + (f" x {gpu:g} GPU" if cuda else "")
+        room = f"{sum(n.cpus for n in nodes):g} CPUs" + (f", {gpus} GPUs" if cuda else "")
+        extra = f" + {len(reserve)} read/decode tasks x {t:g} CPU" if reserve else ""
+        raise PlanError(f"the pipeline's actors do not fit on the Ray cluster: {want}{extra} on {room} in "
+                        f"{len(nodes)} node(s); lower --cpus-per-actor/--gpus-per-actor or the actor counts")
+    plan = {name: PoolPlan(actors=n, num_cpus=cpu, num_gpus=gpu) for name, n in pools.items()}
+    return ResourcePlan(pools=plan, task_cpus=t, tasks=max(0, tasks))
+
+
+# --- which pools, how many actors ------------------------------------------------------------------
+
+
+def choose_layout(layout: str, *, device: str, todo: int, fixed_dit: bool) -> str:
+    """``auto`` -> ``single`` (one actor per image: read, GRM, fused Patch-DiT, assemble) on CPU and
+    for small GPU jobs, where start-up and moving patches between processes cost more than pools
+    gain; ``pools`` (per-group Patch-DiT pools) for larger GPU jobs or when ``--dit-actors`` is set."""
+    if layout not in LAYOUTS:
+        raise PlanError(f"unknown layout {layout!r}; one of {', '.join(LAYOUTS)}")
+    if layout != "auto":
+        return layout
+    if fixed_dit:
+        return "pools"
+    return "single" if not device.startswith("cuda") or todo < SMALL_JOB else "pools"
+
+
+def single_actors(nodes: list[Node], *, device: str, blocks: int) -> int:
+    """Actors of the single layout: one per CPU (CPU) or per GPU, no more than there are ``blocks``
+    (model calls of ``--grm-batch`` images): every actor process costs a torch import and a model build,
+    worth it only with a call's work to do."""
+    if device.startswith("cuda"):
+        per = sum(n.gpus for n in nodes)
+    else:
+        per = sum(max(1, int(n.cpus)) for n in nodes)
+    return max(1, min(per, blocks))
+
+
+def light_actors(gpus: int, slots: int) -> int:
+    """GRM or assemble actors on a GPU cluster: enough for ``LIGHT_SHARE`` of the work when each gets
+    ``1/slots`` of a GPU, at least one."""
+    return max(1, math.ceil(gpus * slots * LIGHT_SHARE - 1e-9))
+
+
+def gpu_pool_counts(gpus: int, *, fused: bool, score_actors: int = 0) -> tuple[int, int, int]:
+    """(GRM actors, assemble actors, Patch-DiT actors in all) of the pools layout on ``gpus`` GPUs: the
+    GPUs are cut into equal slots, ``DIT_SLOTS_PER_GPU`` per GPU (more on small nodes, so that the
+    three group pools and the light actors all get one); the light stages get what ``LIGHT_SHARE``
+    needs and Patch-DiT every other slot (docs/pipeline.md, "Resource plan")."""
+    need_dit = 1 if fused else 3
+    slots = DIT_SLOTS_PER_GPU
+    while True:
+        light = light_actors(gpus, slots)
+        dit = gpus * slots - 2 * light - score_actors
+        if dit >= need_dit:
+            return light, light, dit
+        slots += 1

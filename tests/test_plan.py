@@ -1,0 +1,194 @@
+"""The resource plan (pipeline/plan.py): every combination of pools fits every cluster of >= 1 CPU, the
+read/decode tasks included, or fails at once with a one-line message; the GPU plan on 1 and 8 GPUs."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import random
+
+import pytest
+
+from pipeline.build import GROUP_KEYS, PipelineConfig, plan_graph
+from pipeline.plan import (
+    GROUP_POOLS,
+    RESERVED_TASKS,
+    UNIT,
+    Node,
+    PlanError,
+    ResourcePlan,
+    choose_layout,
+    fits,
+    gpu_pool_counts,
+    plan_resources,
+    single_actors,
+)
+
+# the pools of every layout, with and without the scoring pool (``--score``), and bigger pools
+LAYOUT_POOLS = {
+    "single": {"image": 1},
+    "single x16": {"image": 16},
+    "pools": {"grm": 1, **dict.fromkeys(GROUP_POOLS, 1), "assemble": 1},
+    "pools, large": {"grm": 2, "dit-simple": 3, "dit-medium": 5, "dit-hard": 6, "assemble": 2},
+    "fused": {"grm": 1, "dit": 1, "assemble": 1},
+}
+SCORING = ({}, {"score": 1}, {"score": 3})
+
+
+def placed(nodes: list[Node], requests: list[tuple[float, float]], order: str) -> bool:
+    """Place ``requests`` one by one as Ray might: on the first node (``pack``) or the emptiest one
+    (``spread``) that has room, GPU fractions within one GPU (an independent check of ``plan.fits``)."""
+    cpu = [n.cpus for n in nodes]
+    gpu = [[1.0] * n.gpus for n in nodes]
+    for c, g in requests:
+        candidates = [i for i in range(len(nodes)) if cpu[i] + 1e-9 >= c
+                      and (g <= 0 or any(f + 1e-9 >= g for f in gpu[i]))]
+        if not candidates:
+            return False
+        i = candidates[0] if order == "pack" else max(candidates, key=lambda i: cpu[i])
+        cpu[i] -= c
+        if g > 0:
+            j = next(j for j, f in enumerate(gpu[i]) if f + 1e-9 >= g)
+            gpu[i][j] -= g
+    return True
+
+
+def assert_fits(plan: ResourcePlan, nodes: list[Node], pools: dict[str, int], device: str,
+                tasks: int) -> None:
+    requests = plan.requests()
+    assert [name for name in plan.pools] == list(pools)  # graph order kept
+    assert {name: p.actors for name, p in plan.pools.items()} == pools
+    # the sum of what is asked fits the cluster ...
+    assert sum(c for c, _ in requests) <= sum(n.cpus for n in nodes) + 1e-9
+    assert sum(g for _, g in requests) <= sum(n.gpus for n in nodes) + 1e-9
+    # ... with room for one read and one decode task beside all actors, in whatever order Ray places them
+    reserved = RESERVED_TASKS if tasks else 0
+    actors, task_requests = requests[:len(requests) - reserved], requests[len(requests) - reserved:]
+    assert task_requests == [(plan.task_cpus, 0.0)] * reserved
+    for order in ("pack", "spread"):
+        shuffled = actors[:]
+        random.Random(len(requests)).shuffle(shuffled)
+        for first in (actors, shuffled, actors[::-1]):
+            assert placed(nodes, first + task_requests, order), (order, plan)
+    for p in plan.pools.values():
+        assert p.num_cpus >= UNIT and abs(p.num_cpus / UNIT - round(p.num_cpus / UNIT)) < 1e-6
+        assert (p.num_gpus > 0) == device.startswith("cuda")
+        assert p.num_gpus <= 1
+    if tasks:
+        assert 0 < plan.task_cpus <= 0.5 and plan.tasks == tasks
+
+
+@pytest.mark.parametrize("gpus", [0, 1, 8])
+@pytest.mark.parametrize("layout", sorted(LAYOUT_POOLS))
+def test_every_pool_combination_fits_every_cluster(layout: str, gpus: int) -> None:
+    checked = 0
+    for cpus, score in itertools.product(range(1, 17), SCORING):
+        pools = {**LAYOUT_POOLS[layout], **score}
+        tasks = 0 if layout.startswith("single") else 4
+        for device in ("cpu", "cuda") if gpus else ("cpu",):
+            nodes = [Node(cpus=cpus, gpus=gpus)]
+            plan = plan_resources(nodes, pools, device=device, tasks=tasks)
+            assert_fits(plan, nodes, pools, device, tasks)
+            checked += 1
+    assert checked == 16 * len(SCORING) * (2 if gpus else 1)
+
+
+def test_the_default_plan_that_hung_now_fits() -> None:
+    """Issue 11: ``--score`` gave six actors round(1/6, 3) = 0.167 CPU each, 1.002 in all, on 2 CPUs, and
+    the 1-CPU decode task never started."""
+    pools = {"grm": 1, **dict.fromkeys(GROUP_POOLS, 1), "assemble": 1, "score": 1}
+    plan = plan_resources([Node(cpus=2)], pools, device="cpu", tasks=4)
+    free = 2 - sum(p.actors * p.num_cpus for p in plan.pools.values())
+    assert free >= RESERVED_TASKS * plan.task_cpus - 1e-9 and plan.task_cpus > 0
+    assert plan.pools["grm"].num_cpus == pytest.approx(0.25)  # (2 - 2 x 0.25) / 6, rounded down
+
+
+@pytest.mark.parametrize("nodes", [
+    [Node(2), Node(2)], [Node(1), Node(3)], [Node(4, 1), Node(4, 1)], [Node(16, 8), Node(16, 8)],
+    [Node(1), Node(1), Node(1)], [Node(8, 2), Node(2, 0)],
+])
+def test_multi_node_clusters(nodes: list[Node]) -> None:
+    for pools in LAYOUT_POOLS.values():
+        for device in ("cpu", "cuda") if any(n.gpus for n in nodes) else ("cpu",):
+            plan = plan_resources(nodes, {**pools, "score": 1}, device=device, tasks=4)
+            assert_fits(plan, nodes, {**pools, "score": 1}, device, 4)
+
+
+def test_plans_that_cannot_fit_fail_fast_with_one_line() -> None:
+    pools = LAYOUT_POOLS["pools"]
+    cases = [
+        dict(nodes=[Node(cpus=2)], cpus_per_actor=1.0, device="cpu"),  # 5 x 1 CPU on 2
+        dict(nodes=[Node(cpus=4, gpus=1)], gpus_per_actor=0.5, device="cuda"),  # 5 x 0.5 GPU on 1
+        dict(nodes=[Node(cpus=4)], device="cuda"),  # no GPU at all
+        dict(nodes=[Node(cpus=0.5)], device="cpu"),  # less than one CPU
+    ]
+    for case in cases:
+        with pytest.raises(PlanError) as info:
+            plan_resources(case.pop("nodes"), pools, tasks=4, **case)
+        assert "\n" not in str(info.value) and len(str(info.value)) < 300
+    with pytest.raises(PlanError):
+        plan_resources([Node(4)], {"image": 0}, device="cpu")
+
+
+def test_fits_checks_single_gpus_and_nodes() -> None:
+    assert fits([Node(2, 1)], [(0.5, 0.5), (0.5, 0.5)])
+    assert not fits([Node(2, 2)], [(0.5, 0.6), (0.5, 0.6), (0.5, 0.6)])  # 1.8 GPUs in all, but 2 GPUs
+    assert not fits([Node(1), Node(1)], [(0.75, 0), (0.75, 0), (0.75, 0)])  # 2.25 > 2, per node
+    assert fits([Node(8, 4)], [(1, 2), (1, 2)]) and not fits([Node(8, 4)], [(1, 2), (1, 2), (1, 1)])
+
+
+# --- the GPU plan (issue 12 item 6), derivation in docs/pipeline.md -----------------------------------
+
+
+def test_gpu_plan_one_gpu() -> None:
+    grm, assemble, dit = gpu_pool_counts(1, fused=False)
+    assert (grm, assemble, dit) == (1, 1, 3)  # the three group pools need one actor each
+    pools = {"grm": grm, **dict(zip(GROUP_POOLS, [1, 1, 1], strict=True)), "assemble": assemble}
+    plan = plan_resources([Node(cpus=16, gpus=1)], pools, device="cuda", tasks=4)
+    assert {p.num_gpus for p in plan.pools.values()} == {0.2}  # five actors share the GPU evenly
+    assert {p.num_cpus for p in plan.pools.values()} == {1.0}
+    # fused: three actors (a third of the GPU each as Ray counts it; the GPU's time goes to who uses it)
+    assert gpu_pool_counts(1, fused=True) == (1, 1, 1)
+
+
+def test_gpu_plan_eight_gpus() -> None:
+    grm, assemble, dit = gpu_pool_counts(8, fused=False)
+    assert (grm, assemble, dit) == (1, 1, 14)  # 2 slots per GPU: 16 = 1 + 1 + 14
+    cfg = PipelineConfig(input="/in", output="/out", weights="w", rtm="r", device="cuda")
+    nodes = [Node(cpus=64, gpus=8)]
+    # equal patch counts: Patch-DiT actors follow the steps 8/14/20
+    graph = plan_graph(cfg, nodes, layout="pools", todo=1000, counts={0: 100, 1: 100, 2: 100},
+                       steps=(8, 14, 20))
+    sizes = {name: graph.plan.pools[f"dit-{name}"].actors for name in GROUP_KEYS}
+    assert sum(sizes.values()) == 14 and sizes["simple"] < sizes["medium"] < sizes["hard"]
+    assert sizes == {"simple": 2, "medium": 5, "hard": 7}  # 14 x (8, 14, 20) / 42 = 2.7, 4.7, 6.7
+    assert {p.num_gpus for p in graph.plan.pools.values()} == {0.5}  # two actors per GPU
+    assert_fits(graph.plan, nodes, {n: p.actors for n, p in graph.plan.pools.items()}, "cuda", 4)
+    # with a scoring actor, one Patch-DiT slot less; two nodes of 8: light stages grow with the GPUs
+    assert gpu_pool_counts(8, fused=False, score_actors=1) == (1, 1, 13)
+    assert gpu_pool_counts(16, fused=False) == (2, 2, 28)
+
+
+def test_layout_choice_and_single_layout_size() -> None:
+    assert choose_layout("auto", device="cpu", todo=3, fixed_dit=False) == "single"
+    assert choose_layout("auto", device="cpu", todo=10_000, fixed_dit=False) == "single"
+    assert choose_layout("auto", device="cuda", todo=3, fixed_dit=False) == "single"
+    assert choose_layout("auto", device="cuda", todo=10_000, fixed_dit=False) == "pools"
+    assert choose_layout("auto", device="cpu", todo=3, fixed_dit=True) == "pools"  # --dit-actors set
+    assert choose_layout("fused", device="cpu", todo=3, fixed_dit=False) == "fused"
+    with pytest.raises(PlanError):
+        choose_layout("bogus", device="cpu", todo=3, fixed_dit=False)
+    assert single_actors([Node(2)], device="cpu", blocks=3) == 2  # one per CPU ...
+    assert single_actors([Node(16)], device="cpu", blocks=3) == 3  # ... at most one per image
+    assert single_actors([Node(16, 8)], device="cuda", blocks=100) == 8  # one per GPU
+    assert single_actors([Node(1.5)], device="cpu", blocks=5) == 1
+    cfg = PipelineConfig(input="/in", output="/out", weights="w", rtm="r")
+    # 3 images are one call of --grm-batch 4: one actor with both CPUs; 6 images: two actors of 3
+    graph = plan_graph(cfg, [Node(2)], layout="single", todo=3, counts={}, steps=(8, 14, 20))
+    assert graph.plan.pools["image"].actors == 1 and graph.batch == 3 and graph.plan.tasks == 0
+    assert graph.plan.pools["image"].num_cpus == 2.0 and graph.sampling == "checkpoint+fused"
+    graph = plan_graph(cfg, [Node(2)], layout="single", todo=6, counts={}, steps=(8, 14, 20))
+    assert graph.plan.pools["image"].actors == 2 and graph.batch == 3
+    assert math.isclose(sum(p.actors * p.num_cpus for p in graph.plan.pools.values()), 2.0)
+    graph = plan_graph(cfg, [Node(64)], layout="single", todo=1000, counts={}, steps=(8, 14, 20))
+    assert graph.plan.pools["image"].actors == 64 and graph.batch == 4
