@@ -27,6 +27,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mode", choices=["adaptive", "uniform"], default=None, help="override sampling mode")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="inference precision; auto: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--save-maps", action="store_true", help="also write the confidence and group maps")
 
 
@@ -59,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     if args.mode:
         model.config = model.config.replace(sampler=replace(model.config.sampler, mode=args.mode))
     rtm, rtm_manifest = load_rtm(args.rtm, use_gpu=device.startswith("cuda"))
-    upscaler = PatchScaler(model=model, rtm=rtm, device=device)
+    upscaler = PatchScaler(model=model, rtm=rtm, device=device, precision=args.precision)
 
     src, dst = Path(args.input), Path(args.output)
     files = _inputs(src)
@@ -83,6 +85,7 @@ def run(args: argparse.Namespace) -> int:
             "input": str(path), "output": str(out), "status": "ok",
             "size_in": list(image.shape[-2:]), "size_out": list(result.image.shape[-2:]),
             "patches": result.group_counts, "seconds": round(seconds, 3),
+            "precision": upscaler.precision,
             "model_version": model.version, "rtm_version": rtm_manifest.get("version"),
         }))
     print(f"done: {len(files) - failures} ok, {failures} failed")

@@ -73,6 +73,8 @@ def add_pipeline_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grm-batch", type=int, default=4,
                    help="images per GRM call; their patches travel as one block through the pools")
     p.add_argument("--device", default="auto", help="auto (cuda if the cluster has GPUs), cpu, cuda")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="inference precision of the model actors; auto: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--overwrite", action="store_true", help="redo every image, ignoring the manifest")
     p.add_argument("--no-progress", action="store_true", help="hide Ray Data's progress bars")
     p.add_argument("--metric-cache", default=None,
@@ -133,7 +135,7 @@ def pipeline_config(args: argparse.Namespace, *, input: str, output: str, device
         grm_actors=args.grm_actors, dit_actors=args.dit_actors, assemble_actors=args.assemble_actors,
         decode_tasks=args.decode_tasks, gpus_per_actor=args.gpus_per_actor,
         cpus_per_actor=args.cpus_per_actor, grm_batch=args.grm_batch, storage_options=options,
-        overwrite=args.overwrite,
+        overwrite=args.overwrite, precision=None if args.precision == "auto" else args.precision,
     )
 
 

@@ -54,6 +54,7 @@ class PipelineConfig:
     rtm: str
     autoencoder: str | None = None
     device: str = "cpu"
+    precision: str | None = None  # fp32 | bf16 | None: the device's default (patchscaler/precision.py)
     fmt: str = "png"
     quality: int = 95
     max_pixels: int = 4096 * 4096
@@ -141,7 +142,8 @@ def pipeline_dataset(cfg: PipelineConfig, items: list[dict[str, str]], sizes: di
     dit = [(None, total_dit_actors(cfg))] if cfg.fused else list(sizes.items())
     scorers = cfg.score.actors if cfg.score is not None else 0
     res = actor_resources(cfg, cfg.grm_actors + cfg.assemble_actors + sum(n for _, n in dit) + scorers)
-    model_args = {"weights": cfg.weights, "device": cfg.device, "autoencoder": cfg.autoencoder}
+    model_args = {"weights": cfg.weights, "device": cfg.device, "autoencoder": cfg.autoencoder,
+                  "precision": cfg.precision}
     tasks = max(1, min(cfg.decode_tasks, len(items)))
     ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
     ds = ds.map_batches(ReadStage(storage_options=cfg.storage_options), batch_size=1, batch_format="numpy",

@@ -23,7 +23,8 @@ from patchscaler.diffusion import NoiseSchedule
 from patchscaler.model import PatchScalerModel
 from patchscaler.patching import plan_grid
 from patchscaler.pgs import group_plan
-from patchscaler.upscaler import finish, group_map, plan_patches, refine, restore, retrieve, texture_prompts
+from patchscaler.precision import autocast, resolve_precision
+from patchscaler.upscaler import finish, group_map, plan_patches, refine, restore, retrieve
 from patchscaler.weights import load_checkpoint, load_rtm
 from pipeline import schema as S
 from pipeline.decode import decode_image, encode_group_map, encode_image, to_float, to_uint8, upscale_alpha
@@ -138,8 +139,10 @@ class GRMStage:
     map written there (``--maps``): one pixel per latent pixel, the group of the nearest patch (Fig. 7)."""
 
     def __init__(self, *, weights: str, rtm: str, device: str, seed: int, mode: str | None,
-                 autoencoder: str | None, storage_options: dict[str, Any]) -> None:
+                 autoencoder: str | None, storage_options: dict[str, Any],
+                 precision: str | None = None) -> None:
         self.model = load_model(weights, device=device, mode=mode, autoencoder=autoencoder)
+        self.precision = resolve_precision(precision, device)
         self.storage_options = storage_options
         self.rtm, manifest = load_rtm(rtm, use_gpu=device.startswith("cuda"))
         self.rtm_version = str(manifest.get("version", ""))
@@ -151,9 +154,9 @@ class GRMStage:
 
     def _plan(self, meta: dict[str, Any], blob: bytes) -> dict[str, np.ndarray]:
         image = to_float(pixels_of(meta, blob))  # (3, h, w)
-        y_hr, conf = restore(self.model, image)
+        y_hr, conf = restore(self.model, image, precision=self.precision)
         plan = plan_patches(y_hr, conf, self.model, torch.Generator().manual_seed(self.seed))
-        scores, idx = retrieve(self.model, self.rtm, plan.patches)
+        scores, idx = retrieve(self.model, self.rtm, plan.patches, precision=self.precision)
         meta.update(latent=[plan.grid.height, plan.grid.width], num_patches=len(plan.patches),
                     groups=[int((plan.groups == g).sum()) for g in range(3)])
         if meta.get("map"):
@@ -186,11 +189,14 @@ class GRMStage:
 # Fused Patch-adaptive Group Sampling: all three groups in one loop over a shared time grid.
 #
 # With the paper's schedules every group's DDIM steps lie on one grid of stride 50:
-# 1000/20 = 700/14 = 400/8 = 50. Run the grid once from the largest τ down; a patch of group g *joins*
-# the loop at t = τ_g, starting from y_τg = q_sample(y0, τ_g, ε) (Eq. 7) exactly as its own group's sampler
-# would, and from then on it takes the same steps (t -> t - 50) as there. So the result equals per-group
-# sampling (``pgs_sample``) patch for patch, while every model call carries the active patches of all
-# groups: fewer, fuller batches, one actor pool instead of three.
+# 1000/20 = 700/14 = 400/8 = 50. A batch of patches runs the grid from its largest τ down; a patch of
+# group g *joins* the loop at t = τ_g, starting from y_τg = q_sample(y0, τ_g, ε) (Eq. 7) exactly as its
+# own group's sampler would, and from then on it takes the same steps (t -> t - 50) as there. So the
+# result equals per-group sampling (``pgs_sample``) patch for patch, while a batch may mix groups: the
+# patches are batched in the order they join (hard, then medium, then simple), so only the batches at
+# group boundaries mix, and the pool needs no per-group split: fewer, fuller batches, one actor pool
+# instead of three. A batch's texture prompts and their cross-attention K/V are computed once, when
+# the batch starts, and reused at all its steps (the prompt K/V cache, ``PatchDiT.prompt_kv``).
 
 
 def shared_grid(schedule: NoiseSchedule, taus: list[int], steps: list[int]) -> list[int]:
@@ -217,6 +223,8 @@ def fused_refine(
     *,
     schedule: NoiseSchedule,
     batch_size: int | None = None,
+    prompt_cache: bool = True,
+    precision: str = "fp32",
 ) -> torch.Tensor:
     """Same arguments and result as ``patchscaler.upscaler.refine``: x0 patches (M, 4, V, V)."""
     cfg = model.config.sampler
@@ -227,24 +235,35 @@ def fused_refine(
     grid = shared_grid(schedule, taus, [p.steps for p in plan])
     if not len(y0):
         return y0.clone()
-    prompts = torch.cat(
-        [texture_prompts(model, v, s) for v, s in zip(values.split(bs), scores.split(bs), strict=True)]
-    )  # (M, K*L, hidden) on device
     start = torch.tensor(taus)[groups.cpu()]  # (M,) the time step each patch joins at
+    order = torch.argsort(start, descending=True, stable=True)  # (M,) hard first, then medium, simple
     x = torch.zeros_like(y0)  # (M, 4, V, V) on CPU, like refine's result
-    active = torch.zeros(len(y0), dtype=torch.bool)
-    for i, t in enumerate(grid):
-        t_prev = grid[i + 1] if i + 1 < len(grid) else 0
-        joining = torch.nonzero(start == t).flatten()  # (J,)
-        if len(joining):
-            x[joining] = schedule.q_sample(y0[joining], t, noise[joining])
-            active[joining] = True
-        for idx in torch.nonzero(active).flatten().split(bs):
-            t_batch = torch.full((len(idx),), float(t))  # (b,)
-            eps = model.patch_dit(
-                x[idx].to(device), t_batch.to(device), y0[idx].to(device), prompts[idx.to(device)]
-            ).to(x.device)  # (b, 4, V, V)
-            x[idx] = schedule.ddim_step(eps, t, t_prev, x[idx])
+    with autocast(device, precision):
+        for batch in order.split(bs):  # (b,) patch indices
+            joins = start[batch]  # (b,)
+            prompt = model.texture_encoder(values[batch].to(device), scores[batch].to(device))  # (b, K*L, D)
+            kv = model.patch_dit.prompt_kv(prompt) if prompt_cache else None
+            y0_b = y0[batch].to(device)  # (b, 4, V, V)
+            xb = torch.zeros_like(y0[batch])  # (b, 4, V, V) on CPU
+            active = torch.zeros(len(batch), dtype=torch.bool)
+            for i in range(grid.index(int(joins.max())), len(grid)):
+                t = grid[i]
+                t_prev = grid[i + 1] if i + 1 < len(grid) else 0
+                joining = joins == t  # (b,)
+                if joining.any():
+                    xb[joining] = schedule.q_sample(y0[batch][joining], t, noise[batch][joining])
+                    active |= joining
+                rows = torch.nonzero(active).flatten()  # (a,)
+                whole = len(rows) == len(batch)
+                r = rows.to(device)
+                if kv is not None:
+                    cond = {"prompt_kv": kv if whole else [(k[r], v[r]) for k, v in kv]}
+                else:
+                    cond = {"prompt": prompt if whole else prompt[r]}
+                t_batch = torch.full((len(rows),), float(t), device=device)  # (a,)
+                eps = model.patch_dit(xb[rows].to(device), t_batch, y0_b if whole else y0_b[r], **cond)
+                xb[rows] = schedule.ddim_step(eps.float().to(xb.device), t, t_prev, xb[rows])
+            x[batch] = xb
     return x
 
 
@@ -256,8 +275,9 @@ class PatchDiTStage:
     creates it and kills the actor's process."""
 
     def __init__(self, *, weights: str, rtm: str, device: str, mode: str | None, autoencoder: str | None,
-                 group: int | None, crash_marker: str | None = None) -> None:
+                 group: int | None, crash_marker: str | None = None, precision: str | None = None) -> None:
         self.model = load_model(weights, device=device, mode=mode, autoencoder=autoencoder)
+        self.precision = resolve_precision(precision, device)
         self.rtm, _ = load_rtm(rtm, use_gpu=False)  # only its values are gathered here, no search
         self.schedule = NoiseSchedule(config=self.model.config.sampler)
         self.group = group
@@ -285,7 +305,8 @@ class PatchDiTStage:
         values = self.rtm.gather(torch.from_numpy(batch[S.RTM_IDX][rows].astype(np.int64)))
         sample = fused_refine if self.group is None else refine
         try:
-            x0 = sample(self.model, y0, groups, noise, values, scores, schedule=self.schedule)
+            x0 = sample(self.model, y0, groups, noise, values, scores, schedule=self.schedule,
+                        precision=self.precision)
             out[S.X0][rows] = x0.float().cpu().numpy()
         except Exception as exc:  # the images of these patches become error rows in the assembly
             out[S.ERROR][rows] = f"dit: {type(exc).__name__}: {exc}"
@@ -299,8 +320,10 @@ class AssembleStage:
     also carry the written bytes and the scoring info to the scoring pool (``schema.ENCODED``/``EVAL``)."""
 
     def __init__(self, *, weights: str, device: str, autoencoder: str | None, fmt: str, quality: int,
-                 storage_options: dict[str, Any], sampling: str, seed: int, score: bool) -> None:
+                 storage_options: dict[str, Any], sampling: str, seed: int, score: bool,
+                 precision: str | None = None) -> None:
         self.model = load_model(weights, device=device, mode=None, autoencoder=autoencoder)
+        self.precision = resolve_precision(precision, device)
         self.fmt, self.quality = fmt, quality
         self.storage_options = storage_options
         self.sampling, self.seed = sampling, seed
@@ -320,7 +343,8 @@ class AssembleStage:
         cfg = self.model.config
         grid = plan_grid(*meta["latent"], patch=cfg.sampler.patch_size, overlap=cfg.sampler.overlap)
         x0 = torch.from_numpy(np.ascontiguousarray(rows[S.X0][patch_rows]))  # (M, 4, V, V)
-        rgb = to_uint8(finish(self.model, x0, grid, tuple(meta["shape"])))  # (H, W, 3)
+        image = finish(self.model, x0, grid, tuple(meta["shape"]), precision=self.precision)  # (3, H, W)
+        rgb = to_uint8(image)  # (H, W, 3)
         meta["seconds"]["assemble"] = time.perf_counter() - start
         start = time.perf_counter()
         alpha = None
