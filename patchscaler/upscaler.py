@@ -22,9 +22,10 @@ from patchscaler.autoencoder import upscale_input
 from patchscaler.diffusion import NoiseSchedule
 from patchscaler.model import PatchScalerModel
 from patchscaler.patching import PatchGrid, merge_patches, patch_means, plan_grid, split_patches
-from patchscaler.pgs import GROUP_NAMES, assign_groups, group_plan, pgs_sample
+from patchscaler.pgs import GROUP_NAMES, assign_groups
 from patchscaler.precision import autocast, resolve_precision
 from patchscaler.rtm import ReferenceTextureMemory
+from patchscaler.sampling import refine_patches
 
 
 @dataclass
@@ -132,32 +133,13 @@ def refine(
 ) -> torch.Tensor:
     """Patch-adaptive Group Sampling with Patch-DiT over one set of patches -> x0 patches (M, 4, V, V).
 
-    ``pgs_sample`` runs each batch of patches through all of its group's DDIM steps in a row. When a
-    batch starts, its texture prompts are computed (once per patch: they do not depend on t) and, with
-    ``prompt_cache``, so are the cross-attention keys and values of every Patch-DiT block
-    (``PatchDiT.prompt_kv``), which all the batch's steps reuse. Without the cache every step
-    recomputes them from the prompt: the same result, about 35% more Patch-DiT FLOPs at the paper
-    preset. Only one batch's prompts and K/V are held at a time. Epsilon is cast to float32 before
-    each DDIM update, so the latents stay float32 under ``precision="bf16"``."""
-    cfg = model.config.sampler
-    bs = batch_size or cfg.batch_size
-    device = next(model.patch_dit.parameters()).device
-    y0_dev = y0.to(device)
-    current: dict[str, object] = {}  # the batch being sampled: its indices and its prompt (or K/V)
-
-    def denoise(x_t: torch.Tensor, t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        if "idx" not in current or not torch.equal(current["idx"], idx):  # a new batch starts
-            current.clear()  # free the last batch's prompt and K/V first
-            prompt = model.texture_encoder(values[idx].to(device), scores[idx].to(device))  # (b, K*L, D)
-            cond = {"prompt_kv": model.patch_dit.prompt_kv(prompt)} if prompt_cache else {"prompt": prompt}
-            current.update(idx=idx, cond=cond)
-        eps = model.patch_dit(x_t.to(device), t.to(device), y0_dev[idx.to(device)], **current["cond"])
-        return eps.float().to(x_t.device)  # (b, 4, V, V)
-
-    with autocast(device, precision):
-        return pgs_sample(
-            denoise, y0, groups, noise, schedule=schedule, plan=group_plan(cfg), batch_size=bs
-        )
+    Texture prompts and (with ``prompt_cache``) their cross-attention K/V are computed once per patch
+    and reused at every step (``sampling.refine_patches``)."""
+    return refine_patches(
+        patch_dit=model.patch_dit, texture_encoder=model.texture_encoder, sampler=model.config.sampler,
+        y0=y0, groups=groups, noise=noise, values=values, scores=scores, schedule=schedule,
+        batch_size=batch_size, prompt_cache=prompt_cache, precision=precision,
+    )
 
 
 @torch.no_grad()

@@ -22,8 +22,8 @@ import torch
 from patchscaler.diffusion import NoiseSchedule
 from patchscaler.model import PatchScalerModel
 from patchscaler.patching import plan_grid
-from patchscaler.pgs import group_plan
-from patchscaler.precision import autocast, resolve_precision
+from patchscaler.precision import resolve_precision
+from patchscaler.sampling import fused_refine_patches, shared_grid  # noqa: F401 (shared_grid: re-export)
 from patchscaler.upscaler import finish, group_map, plan_patches, refine, restore, retrieve
 from patchscaler.weights import load_checkpoint, load_rtm
 from pipeline import schema as S
@@ -186,30 +186,10 @@ class GRMStage:
 
 
 # --- fused sampling ---------------------------------------------------------------------------------
-# Fused Patch-adaptive Group Sampling: all three groups in one loop over a shared time grid.
-#
-# With the paper's schedules every group's DDIM steps lie on one grid of stride 50:
-# 1000/20 = 700/14 = 400/8 = 50. A batch of patches runs the grid from its largest τ down; a patch of
-# group g *joins* the loop at t = τ_g, starting from y_τg = q_sample(y0, τ_g, ε) (Eq. 7) exactly as its
-# own group's sampler would, and from then on it takes the same steps (t -> t - 50) as there. So the
-# result equals per-group sampling (``pgs_sample``) patch for patch, while a batch may mix groups: the
-# patches are batched in the order they join (hard, then medium, then simple), so only the batches at
-# group boundaries mix, and the pool needs no per-group split: fewer, fuller batches, one actor pool
-# instead of three. A batch's texture prompts and their cross-attention K/V are computed once, when
-# the batch starts, and reused at all its steps (the prompt K/V cache, ``PatchDiT.prompt_kv``).
-
-
-def shared_grid(schedule: NoiseSchedule, taus: list[int], steps: list[int]) -> list[int]:
-    """The common descending time grid of all groups; ``ValueError`` when their steps do not share one."""
-    grids = [schedule.timesteps(tau, n) for tau, n in zip(taus, steps, strict=True)]
-    longest = max(grids, key=len)
-    for grid in grids:
-        if grid != longest[len(longest) - len(grid):]:
-            raise ValueError(
-                f"fused sampling needs every group's steps on one grid; (tau, N) = "
-                f"{list(zip(taus, steps, strict=True))} do not share one"
-            )
-    return longest
+# Fused Patch-adaptive Group Sampling: all three groups in one loop over a shared time grid
+# (``patchscaler.sampling.fused_refine_patches``): the result equals per-group sampling patch for patch,
+# while a model call may carry patches of several groups: fewer, fuller batches, one actor pool instead
+# of three.
 
 
 @torch.no_grad()
@@ -227,44 +207,11 @@ def fused_refine(
     precision: str = "fp32",
 ) -> torch.Tensor:
     """Same arguments and result as ``patchscaler.upscaler.refine``: x0 patches (M, 4, V, V)."""
-    cfg = model.config.sampler
-    bs = batch_size or cfg.batch_size
-    device = next(model.patch_dit.parameters()).device
-    plan = group_plan(cfg)
-    taus = [p.tau for p in plan]
-    grid = shared_grid(schedule, taus, [p.steps for p in plan])
-    if not len(y0):
-        return y0.clone()
-    start = torch.tensor(taus)[groups.cpu()]  # (M,) the time step each patch joins at
-    order = torch.argsort(start, descending=True, stable=True)  # (M,) hard first, then medium, simple
-    x = torch.zeros_like(y0)  # (M, 4, V, V) on CPU, like refine's result
-    with autocast(device, precision):
-        for batch in order.split(bs):  # (b,) patch indices
-            joins = start[batch]  # (b,)
-            prompt = model.texture_encoder(values[batch].to(device), scores[batch].to(device))  # (b, K*L, D)
-            kv = model.patch_dit.prompt_kv(prompt) if prompt_cache else None
-            y0_b = y0[batch].to(device)  # (b, 4, V, V)
-            xb = torch.zeros_like(y0[batch])  # (b, 4, V, V) on CPU
-            active = torch.zeros(len(batch), dtype=torch.bool)
-            for i in range(grid.index(int(joins.max())), len(grid)):
-                t = grid[i]
-                t_prev = grid[i + 1] if i + 1 < len(grid) else 0
-                joining = joins == t  # (b,)
-                if joining.any():
-                    xb[joining] = schedule.q_sample(y0[batch][joining], t, noise[batch][joining])
-                    active |= joining
-                rows = torch.nonzero(active).flatten()  # (a,)
-                whole = len(rows) == len(batch)
-                r = rows.to(device)
-                if kv is not None:
-                    cond = {"prompt_kv": kv if whole else [(k[r], v[r]) for k, v in kv]}
-                else:
-                    cond = {"prompt": prompt if whole else prompt[r]}
-                t_batch = torch.full((len(rows),), float(t), device=device)  # (a,)
-                eps = model.patch_dit(xb[rows].to(device), t_batch, y0_b if whole else y0_b[r], **cond)
-                xb[rows] = schedule.ddim_step(eps.float().to(xb.device), t, t_prev, xb[rows])
-            x[batch] = xb
-    return x
+    return fused_refine_patches(
+        patch_dit=model.patch_dit, texture_encoder=model.texture_encoder, sampler=model.config.sampler,
+        y0=y0, groups=groups, noise=noise, values=values, scores=scores, schedule=schedule,
+        batch_size=batch_size, prompt_cache=prompt_cache, precision=precision,
+    )
 
 
 class PatchDiTStage:
