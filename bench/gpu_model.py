@@ -5,8 +5,8 @@ Pure torch (it imports torch, the repo's pure-torch modules and ``bench/vae_stan
 diffusers, faiss or pyiqa), so it runs on the lent GPU machines as they come (torch 2.11, nothing to
 install). Nothing to carry beyond the working tree (no wheels). The device command, one call:
 
-    run(kind="nvidia-h100-x1", timeout_s=420, command="PYTHONUNBUFFERED=1 PYTHONPATH=. python3
-        bench/gpu_model.py --budget 300 --json $OUT/gpu_model.json 2>&1 | tee $OUT/gpu_model.log")
+    run(kind="nvidia-h100-x1", timeout_s=400, command="PYTHONUNBUFFERED=1 PYTHONPATH=. python3
+        bench/gpu_model.py --budget 270 --json $OUT/gpu_model.json 2>&1 | tee $OUT/gpu_model.log")
 
 (add ``--compile`` for a torch.compile row, ``--quick`` for a 1-2 minute run). On CPU, as the test
 ``tests/test_gpu_model.py`` runs it: ``python bench/gpu_model.py --device cpu --preset tiny
