@@ -15,12 +15,13 @@ install). Nothing to carry beyond the working tree (no wheels). The device comma
 What runs is the product's inference, with random weights (time does not depend on their values; the
 zero-initialised gates get small random values so no matrix is all zeros):
 
-- ``encode``: x4 bicubic of a random LR image, replicate pad, the autoencoder's tiled encode. The
+- ``encode``: x4 bicubic of a random LR image, replicate pad, the autoencoder's tiled encode (float32
+  under every precision, as ``upscaler.restore``: the confidence map decides the groups). The
   autoencoder is ``vae_standin.AutoencoderStandIn``: diffusers' SD-VAE network in plain torch, tested
   equal to ``AutoencoderKL`` (outputs and FLOPs; diffusers is not on the GPU machine);
-- ``GRM``; ``retrieve``: classifier features of the M patches, then an exact top-K of the normalised
-  inner product against random RTM keys in torch (faiss's ``IndexFlatIP`` math; faiss is not there),
-  RTM values gathered on the CPU as the product does;
+- ``GRM`` (float32, the same reason); ``retrieve``: classifier features of the M patches, then an
+  exact top-K of the normalised inner product against random RTM keys in torch (faiss's
+  ``IndexFlatIP`` math; faiss is not there), RTM values gathered on the CPU as the product does;
 - ``refine``: ``patchscaler.sampling.refine_patches`` (or ``fused_refine_patches``), the product's
   Patch-DiT stage: texture prompts and their K/V once per batch, PGS with DDIM. Groups come from
   ``--shares`` (random weights give a meaningless confidence map); patches live on the CPU between
@@ -212,16 +213,14 @@ def upscale(model: Model, inp: Inputs, v: Variant, device: torch.device) -> tupl
     s, k = cfg.sampler, cfg.texture_encoder.top_k
     f = cfg.autoencoder.downsample_factor
 
-    def encode() -> torch.Tensor:  # = patchscaler.upscaler.restore's first half
+    def encode() -> torch.Tensor:  # = patchscaler.upscaler.restore: float32 under every precision
         hr = F.interpolate(inp.lr, scale_factor=cfg.scale, mode="bicubic", align_corners=False).clamp(0, 1)
         hr = F.pad(hr, (0, (-hr.shape[-1]) % f, 0, (-hr.shape[-2]) % f), mode="replicate")
-        with autocast(device, prec):
-            return model.autoencoder.encode(hr).float()  # (1, 4, h, w)
+        return model.autoencoder.encode(hr)  # (1, 4, h, w)
 
     def grm() -> torch.Tensor:
-        with autocast(device, prec):
-            y_hr, _conf = model.grm(y_lr)
-        return y_hr[0].float()  # (4, h, w)
+        y_hr, _conf = model.grm(y_lr)
+        return y_hr[0]  # (4, h, w)
 
     def retrieve() -> tuple[torch.Tensor, torch.Tensor]:
         queries = []

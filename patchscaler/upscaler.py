@@ -7,8 +7,10 @@
 
 Each arrow is one function below, so ``pipeline/stages.py`` runs exactly this code, split across actors.
 
-``precision`` (``fp32`` or ``bf16``, see ``precision.py``) is an argument of every stage function and of
-``PatchScaler``; the latents handed from one stage to the next are float32 either way.
+``precision`` (``fp32`` or ``bf16``, see ``precision.py``) is an argument of ``PatchScaler`` and of the
+stage functions after ``restore``; the latents handed from one stage to the next are float32 either way.
+``restore`` (encode + GRM) always runs in float32: its confidence map decides the groups (Eq. 2), and
+bf16 there moves patch means by up to 2e-3, enough to flip patches that lie near gamma1/gamma2.
 """
 
 from __future__ import annotations
@@ -52,23 +54,22 @@ class UpscaleResult:
 
 
 @torch.no_grad()
-def restore(
-    model: PatchScalerModel, image: torch.Tensor, *, precision: str = "fp32"
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """LR image (3, h, w) in [0, 1] -> (y_HR (4, H/8, W/8), C (1, H/8, W/8)) on the HR grid, float32.
+def restore(model: PatchScalerModel, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """LR image (3, h, w) in [0, 1] -> (y_HR (4, H/8, W/8), C (1, H/8, W/8)) on the HR grid.
 
-    The x`scale` bicubic image is padded (replicate) up to a multiple of the autoencoder factor; the
-    padding is cropped again after decoding (``finish``)."""
+    Float32 under every ``precision`` (module docstring): the groups, and so the work, of an image do
+    not depend on it; it costs the encoder's share of the FLOPs, 3.4% of an image at the paper preset
+    (docs/model.md). The x`scale` bicubic image is padded (replicate) up to a multiple of the
+    autoencoder factor; the padding is cropped again after decoding (``finish``)."""
     device = next(model.grm.parameters()).device
     lr = image.unsqueeze(0).to(device=device, dtype=torch.float32)  # (1, 3, h, w)
     hr_in = upscale_input(lr, model.config.scale)  # (1, 3, sh, sw)
     f = model.autoencoder.factor
     pad_h, pad_w = (-hr_in.shape[-2]) % f, (-hr_in.shape[-1]) % f
     hr_in = F.pad(hr_in, (0, pad_w, 0, pad_h), mode="replicate")  # (1, 3, H, W), multiples of f
-    with autocast(device, precision):
-        y_lr = model.autoencoder.encode(hr_in).float()  # (1, 4, H/f, W/f)
-        y_hr, conf = model.grm(y_lr)  # (1, 4, H/f, W/f), (1, 1, H/f, W/f); conf is float32
-    return y_hr[0].float().cpu(), conf[0].float().cpu()
+    y_lr = model.autoencoder.encode(hr_in)  # (1, 4, H/f, W/f)
+    y_hr, conf = model.grm(y_lr)  # (1, 4, H/f, W/f), (1, 1, H/f, W/f)
+    return y_hr[0].cpu(), conf[0].cpu()
 
 
 def plan_patches(
@@ -198,7 +199,7 @@ class PatchScaler:
         if image.ndim != 3 or image.shape[0] != 3:
             raise ValueError(f"expected an RGB image tensor (3, h, w), got {tuple(image.shape)}")
         precision = self.precision
-        y_hr, conf = restore(self.model, image, precision=precision)
+        y_hr, conf = restore(self.model, image)  # float32 under every precision
         plan = plan_patches(y_hr, conf, self.model, generator)
         scores, idx = retrieve(self.model, self.rtm, plan.patches, precision=precision)
         x0 = refine(

@@ -154,7 +154,7 @@ class GRMStage:
 
     def _plan(self, meta: dict[str, Any], blob: bytes) -> dict[str, np.ndarray]:
         image = to_float(pixels_of(meta, blob))  # (3, h, w)
-        y_hr, conf = restore(self.model, image, precision=self.precision)
+        y_hr, conf = restore(self.model, image)  # float32 under every precision
         plan = plan_patches(y_hr, conf, self.model, torch.Generator().manual_seed(self.seed))
         scores, idx = retrieve(self.model, self.rtm, plan.patches, precision=self.precision)
         meta.update(latent=[plan.grid.height, plan.grid.width], num_patches=len(plan.patches),
