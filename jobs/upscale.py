@@ -52,6 +52,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="output format (default: from OUT's extension for one input, else png)")
     p.add_argument("--quality", type=int, default=95, help="JPEG/WebP quality")
     p.add_argument("--max-pixels", type=int, default=4096 * 4096, help="LR pixel limit per image")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="inference precision; auto: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--save-maps", action="store_true", help="also write the confidence and group maps")
 
 
@@ -194,11 +196,12 @@ def _load(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
         if args.mode:
             model.config = model.config.replace(sampler=replace(model.config.sampler, mode=args.mode))
         rtm, manifest = load_rtm(args.rtm, use_gpu=device.startswith("cuda"))
-        upscaler = PatchScaler(model=model, rtm=rtm, device=device)
+        upscaler = PatchScaler(model=model, rtm=rtm, device=device, precision=args.precision)
     except Exception as exc:
         reason = " ".join(str(exc).split())
         raise UsageError(f"cannot load the model ({type(exc).__name__}: {reason})") from exc
-    return upscaler, {"model_version": model.version, "rtm_version": manifest.get("version")}
+    return upscaler, {"precision": upscaler.precision, "model_version": model.version,
+                      "rtm_version": manifest.get("version")}
 
 
 def upscale_one(upscaler: Any, source: str, output: str, *, args: argparse.Namespace, fmt: str,

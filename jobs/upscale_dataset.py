@@ -117,6 +117,8 @@ def add_pipeline_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mode", choices=["adaptive", "uniform"], default=None,
                    help="sampling mode (default: the checkpoint's)")
     p.add_argument("--device", default="auto", help="auto (cuda if the cluster has GPUs), cpu, cuda")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="inference precision of the model actors; auto: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--overwrite", action="store_true", help="redo every image, ignoring the manifest")
     p.add_argument("--no-progress", action="store_true", help="no progress line")
     p.add_argument("--verbose", action="store_true",
@@ -229,6 +231,7 @@ def pipeline_config(args: argparse.Namespace, *, input: str, output: str, device
         decode_tasks=args.decode_tasks, gpus_per_actor=args.gpus_per_actor,
         cpus_per_actor=args.cpus_per_actor, grm_batch=args.grm_batch, storage_options=options,
         overwrite=args.overwrite, retry_failed=getattr(args, "retry_failed", False),
+        precision=None if args.precision == "auto" else args.precision,
     )
 
 

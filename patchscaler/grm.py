@@ -23,6 +23,7 @@ from torch import nn
 
 from patchscaler.config import GRMConfig
 from patchscaler.layers import Attention, zero_module
+from patchscaler.precision import float32_region
 
 
 class ResBlock(nn.Module):
@@ -148,8 +149,10 @@ class GRM(nn.Module):
 
         h = F.silu(self.norm_out(h))  # (B, C0, H, W)
         y_hr = x + self.head_y(h)  # (B, 4, H, W)
-        # float32 even under autocast: C is compared against thresholds such as 0.95 (Eq. 2).
-        conf = torch.exp(-F.softplus(self.head_conf(h).float()))  # (B, 1, H, W) in (0, 1]
+        # float32 even under autocast (bf16 inference): C is compared against thresholds such as 0.95
+        # (Eq. 2), so its head runs in float32 too; it is one output channel, a negligible cost.
+        with float32_region(h.device):
+            conf = torch.exp(-F.softplus(self.head_conf(h.float())))  # (B, 1, H, W) in (0, 1]
         return y_hr[..., :h_in, :w_in], conf[..., :h_in, :w_in]
 
 

@@ -114,7 +114,11 @@ class Attention(nn.Module):
 
 
 class CrossAttention(nn.Module):
-    """Multi-head cross-attention: queries from x (B, N, D), keys and values from context (B, S, Dc)."""
+    """Multi-head cross-attention: queries from x (B, N, D), keys and values from context (B, S, Dc).
+
+    The keys and values depend on the context only, so a caller whose context is fixed over many calls
+    (Patch-DiT's texture prompt over the sampling steps) computes them once with ``project_kv`` and
+    passes them as ``kv``; the result is the same as passing the context."""
 
     def __init__(self, *, dim: int, num_heads: int, context_dim: int | None = None,
                  qkv_bias: bool = True) -> None:
@@ -127,12 +131,26 @@ class CrossAttention(nn.Module):
         self.kv = nn.Linear(context_dim or dim, dim * 2, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        b, n, d = x.shape
-        s = context.shape[1]
-        q = self.q(x).reshape(b, n, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, N, hd)
+    def project_kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """context (B, S, Dc) -> (k, v), each (B, H, S, hd)."""
+        b, s = context.shape[:2]
         kv = self.kv(context).reshape(b, s, 2, self.num_heads, self.head_dim)  # (B, S, 2, H, hd)
         k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)  # 2 x (B, H, S, hd)
+        return k, v
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        context: torch.Tensor | None = None,
+        *,
+        kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """x (B, N, D) and either context (B, S, Dc) or its ``project_kv(context)`` -> (B, N, D)."""
+        if (context is None) == (kv is None):
+            raise ValueError("pass exactly one of context and kv")
+        b, n, d = x.shape
+        q = self.q(x).reshape(b, n, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, N, hd)
+        k, v = self.project_kv(context) if kv is None else kv  # 2 x (B, H, S, hd)
         out = F.scaled_dot_product_attention(q, k, v)  # (B, H, N, hd)
         out = out.transpose(1, 2).reshape(b, n, d)  # (B, N, D)
         return self.proj(out)

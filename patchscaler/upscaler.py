@@ -6,11 +6,15 @@
       --feathered merge--> x_HR --decode--> SR image
 
 Each arrow is one function below, so ``pipeline/stages.py`` runs exactly this code, split across actors.
+
+``precision`` (``fp32`` or ``bf16``, see ``precision.py``) is an argument of ``PatchScaler`` and of the
+stage functions after ``restore``; the latents handed from one stage to the next are float32 either way.
+``restore`` (encode + GRM) always runs in float32: its confidence map decides the groups (Eq. 2), and
+bf16 there moves patch means by up to 2e-3, enough to flip patches that lie near gamma1/gamma2.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -20,11 +24,10 @@ from patchscaler.autoencoder import upscale_input
 from patchscaler.diffusion import NoiseSchedule
 from patchscaler.model import PatchScalerModel
 from patchscaler.patching import PatchGrid, merge_patches, patch_means, plan_grid, split_patches
-from patchscaler.pgs import GROUP_NAMES, Denoiser, assign_groups, count_patch_steps, group_plan, pgs_sample
+from patchscaler.pgs import GROUP_NAMES, assign_groups
+from patchscaler.precision import autocast, resolve_precision
 from patchscaler.rtm import ReferenceTextureMemory
-
-# progress(done, total): patch-steps (one patch through one Patch-DiT call) done so far, of all
-Progress = Callable[[int, int], None]
+from patchscaler.sampling import Progress, refine_patches
 
 
 @dataclass
@@ -54,8 +57,10 @@ class UpscaleResult:
 def restore(model: PatchScalerModel, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """LR image (3, h, w) in [0, 1] -> (y_HR (4, H/8, W/8), C (1, H/8, W/8)) on the HR grid.
 
-    The x`scale` bicubic image is padded (replicate) up to a multiple of the autoencoder factor; the
-    padding is cropped again after decoding (``finish``)."""
+    Float32 under every ``precision`` (module docstring): the groups, and so the work, of an image do
+    not depend on it; it costs the encoder's share of the FLOPs, 3.4% of an image at the paper preset
+    (docs/model.md). The x`scale` bicubic image is padded (replicate) up to a multiple of the
+    autoencoder factor; the padding is cropped again after decoding (``finish``)."""
     device = next(model.grm.parameters()).device
     lr = image.unsqueeze(0).to(device=device, dtype=torch.float32)  # (1, 3, h, w)
     hr_in = upscale_input(lr, model.config.scale)  # (1, 3, sh, sw)
@@ -86,15 +91,21 @@ def plan_patches(
 
 @torch.no_grad()
 def retrieve(
-    model: PatchScalerModel, rtm: ReferenceTextureMemory, patches: torch.Tensor, batch_size: int = 256
+    model: PatchScalerModel,
+    rtm: ReferenceTextureMemory,
+    patches: torch.Tensor,
+    batch_size: int = 256,
+    *,
+    precision: str = "fp32",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Texture retrieval (B.3): classifier features of y0 as queries -> top-K (scores, idx), (M, K) each."""
     device = next(model.classifier.parameters()).device
     k = model.config.texture_encoder.top_k
     scores, idx = [], []
     for chunk in patches.split(batch_size):
-        queries = model.classifier.features(chunk.to(device))  # (b, D)
-        s, i = rtm.search(queries, k)  # (b, K) each
+        with autocast(device, precision):
+            queries = model.classifier.features(chunk.to(device))  # (b, D)
+        s, i = rtm.search(queries.float(), k)  # (b, K) each
         scores.append(s)
         idx.append(i)
     return torch.cat(scores), torch.cat(idx)
@@ -102,27 +113,13 @@ def retrieve(
 
 @torch.no_grad()
 def texture_prompts(
-    model: PatchScalerModel, values: torch.Tensor, scores: torch.Tensor
+    model: PatchScalerModel, values: torch.Tensor, scores: torch.Tensor, *, precision: str = "fp32"
 ) -> torch.Tensor:
-    """Similarity-aware texture encoder, once per patch: (B, K, 4, V, V), (B, K) -> (B, K*L, hidden)."""
+    """Similarity-aware texture encoder, once per patch: (B, K, 4, V, V), (B, K) -> (B, K*L, hidden)
+    on the model's device (bf16 under ``precision="bf16"``)."""
     device = next(model.texture_encoder.parameters()).device
-    return model.texture_encoder(values.to(device), scores.to(device))
-
-
-def _counting(denoise: Denoiser, total: int, progress: Progress) -> Denoiser:
-    """``denoise`` reporting ``progress(done, total)`` once before the first call and after each call,
-    ``done`` counting patch-steps (rows denoised)."""
-    done = 0
-    progress(0, total)
-
-    def counted(x_t: torch.Tensor, t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        nonlocal done
-        eps = denoise(x_t, t, idx)
-        done += len(idx)
-        progress(done, total)
-        return eps
-
-    return counted
+    with autocast(device, precision):
+        return model.texture_encoder(values.to(device), scores.to(device))
 
 
 @torch.no_grad()
@@ -136,40 +133,36 @@ def refine(
     *,
     schedule: NoiseSchedule,
     batch_size: int | None = None,
+    prompt_cache: bool = True,
+    precision: str = "fp32",
     progress: Progress | None = None,
 ) -> torch.Tensor:
     """Patch-adaptive Group Sampling with Patch-DiT over one set of patches -> x0 patches (M, 4, V, V).
 
-    The texture prompt of every patch is computed once (it does not depend on t) and looked up by index
-    at each DDIM step. ``progress(done, total)`` is called before the first step and after every
-    Patch-DiT call, in patch-steps (``pgs.count_patch_steps``)."""
-    cfg = model.config.sampler
-    bs = batch_size or cfg.batch_size
-    device = next(model.patch_dit.parameters()).device
-    prompts = torch.cat(
-        [texture_prompts(model, v, s) for v, s in zip(values.split(bs), scores.split(bs), strict=True)]
-    ) if len(y0) else torch.empty(0)  # (M, K*L, hidden) on device
-    y0_dev = y0.to(device)
-
-    def denoise(x_t: torch.Tensor, t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        idx = idx.to(device)
-        return model.patch_dit(x_t.to(device), t.to(device), y0_dev[idx], prompts[idx]).to(x_t.device)
-
-    if progress is not None:
-        denoise = _counting(denoise, count_patch_steps(groups, group_plan(cfg)), progress)
-    return pgs_sample(
-        denoise, y0, groups, noise, schedule=schedule, plan=group_plan(cfg), batch_size=bs
+    Texture prompts and (with ``prompt_cache``) their cross-attention K/V are computed once per patch
+    and reused at every step (``sampling.refine_patches``). ``progress(done, total)`` is called before
+    the first step and after every Patch-DiT call, in patch-steps (``pgs.count_patch_steps``)."""
+    return refine_patches(
+        patch_dit=model.patch_dit, texture_encoder=model.texture_encoder, sampler=model.config.sampler,
+        y0=y0, groups=groups, noise=noise, values=values, scores=scores, schedule=schedule,
+        batch_size=batch_size, prompt_cache=prompt_cache, precision=precision, progress=progress,
     )
 
 
 @torch.no_grad()
 def finish(
-    model: PatchScalerModel, x0: torch.Tensor, grid: PatchGrid, lr_size: tuple[int, int]
+    model: PatchScalerModel,
+    x0: torch.Tensor,
+    grid: PatchGrid,
+    lr_size: tuple[int, int],
+    *,
+    precision: str = "fp32",
 ) -> torch.Tensor:
     """Merge the refined patches (feathered overlap) and decode: -> (3, scale*h, scale*w) in [0, 1]."""
     device = next(model.grm.parameters()).device
-    latent = merge_patches(x0, grid)  # (4, h_lat, w_lat)
-    image = model.autoencoder.decode(latent.unsqueeze(0).to(device))[0]  # (3, H, W)
+    latent = merge_patches(x0.float(), grid)  # (4, h_lat, w_lat)
+    with autocast(device, precision):
+        image = model.autoencoder.decode(latent.unsqueeze(0).to(device))[0].float()  # (3, H, W)
     s = model.config.scale
     return image[:, : lr_size[0] * s, : lr_size[1] * s].cpu()  # crop the encode padding
 
@@ -189,13 +182,21 @@ def count_groups(groups: torch.Tensor) -> dict[str, int]:
 
 
 class PatchScaler:
-    """``PatchScaler(model=..., rtm=...).upscale(image, generator=g)``: the whole method in one process."""
+    """``PatchScaler(model=..., rtm=...).upscale(image, generator=g)``: the whole method in one process.
+
+    ``precision``: ``fp32``, ``bf16`` or None for the device's default (bf16 on CUDA, fp32 elsewhere)."""
 
     def __init__(
-        self, *, model: PatchScalerModel, rtm: ReferenceTextureMemory, device: str | torch.device = "cpu"
+        self,
+        *,
+        model: PatchScalerModel,
+        rtm: ReferenceTextureMemory,
+        device: str | torch.device = "cpu",
+        precision: str | None = None,
     ) -> None:
         self.model = model.to(device).eval()
         self.rtm = rtm
+        self.precision = resolve_precision(precision, device)
         self.schedule = NoiseSchedule(config=model.config.sampler)
 
     @torch.no_grad()
@@ -205,14 +206,15 @@ class PatchScaler:
         ``progress(done, total)``: Patch-DiT patch-steps done of all, after each model call (``refine``)."""
         if image.ndim != 3 or image.shape[0] != 3:
             raise ValueError(f"expected an RGB image tensor (3, h, w), got {tuple(image.shape)}")
-        y_hr, conf = restore(self.model, image)
+        precision = self.precision
+        y_hr, conf = restore(self.model, image)  # float32 under every precision
         plan = plan_patches(y_hr, conf, self.model, generator)
-        scores, idx = retrieve(self.model, self.rtm, plan.patches)
+        scores, idx = retrieve(self.model, self.rtm, plan.patches, precision=precision)
         x0 = refine(
             self.model, plan.patches, plan.groups, plan.noise, self.rtm.gather(idx), scores,
-            schedule=self.schedule, progress=progress,
+            schedule=self.schedule, precision=precision, progress=progress,
         )
-        out = finish(self.model, x0, plan.grid, (image.shape[-2], image.shape[-1]))
+        out = finish(self.model, x0, plan.grid, (image.shape[-2], image.shape[-1]), precision=precision)
         return UpscaleResult(
             image=out,
             group_counts=count_groups(plan.groups),

@@ -71,6 +71,7 @@ class PipelineConfig:
     rtm: str
     autoencoder: str | None = None
     device: str = "cpu"
+    precision: str | None = None  # fp32 | bf16 | None: the device's default (patchscaler/precision.py)
     fmt: str = "png"
     quality: int = 95
     max_pixels: int = 4096 * 4096
@@ -220,7 +221,8 @@ def pipeline_dataset(cfg: PipelineConfig, items: list[dict[str, str]], graph: Gr
     from ray.data import TaskPoolStrategy
 
     pools = graph.plan.pools
-    model_args = {"weights": model, "device": cfg.device, "autoencoder": cfg.autoencoder}
+    model_args = {"weights": model, "device": cfg.device, "autoencoder": cfg.autoencoder,
+                  "precision": cfg.precision}
     score = cfg.score is not None
     ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
     if graph.layout == "single":

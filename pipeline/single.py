@@ -25,10 +25,10 @@ class ImageStage:
     def __init__(self, *, weights: str | SharedModel, rtm: str | SharedRTM, device: str, seed: int,
                  mode: str | None, autoencoder: str | None, fused: bool, fmt: str, quality: int,
                  max_pixels: int, storage_options: dict[str, Any], score: bool,
-                 crash_marker: str | None = None) -> None:
+                 crash_marker: str | None = None, precision: str | None = None) -> None:
         from pipeline.stages import AssembleStage, DecodeStage, GRMStage, PatchDiTStage, ReadStage
 
-        model = {"weights": weights, "device": device, "autoencoder": autoencoder}
+        model = {"weights": weights, "device": device, "autoencoder": autoencoder, "precision": precision}
         dit = {"rtm": rtm, "mode": mode, "crash_marker": crash_marker}
         groups = [None] if fused else [0, 1, 2]  # fused: all groups in one loop
         sampling = (mode or "checkpoint") + ("+fused" if fused else "")

@@ -22,8 +22,9 @@ import torch
 from patchscaler.diffusion import NoiseSchedule
 from patchscaler.model import PatchScalerModel
 from patchscaler.patching import plan_grid
-from patchscaler.pgs import group_plan
-from patchscaler.upscaler import finish, group_map, plan_patches, refine, restore, retrieve, texture_prompts
+from patchscaler.precision import resolve_precision
+from patchscaler.sampling import fused_refine_patches, shared_grid  # noqa: F401 (shared_grid: re-export)
+from patchscaler.upscaler import finish, group_map, plan_patches, refine, restore, retrieve
 from pipeline import schema as S
 from pipeline.decode import GREY_MODES, decode_image, encode_group_map, encode_output, to_float, to_uint8
 from pipeline.io import read_bytes, write_bytes_atomic
@@ -142,8 +143,10 @@ class GRMStage:
     map written there (``--maps``): one pixel per latent pixel, the group of the nearest patch (Fig. 7)."""
 
     def __init__(self, *, weights: str | SharedModel, rtm: str | SharedRTM, device: str, seed: int,
-                 mode: str | None, autoencoder: str | None, storage_options: dict[str, Any]) -> None:
+                 mode: str | None, autoencoder: str | None, storage_options: dict[str, Any],
+                 precision: str | None = None) -> None:
         self.model = load_model(weights, device=device, mode=mode, autoencoder=autoencoder)
+        self.precision = resolve_precision(precision, device)
         self.storage_options = storage_options
         self.rtm, manifest = load_rtm_source(rtm, use_gpu=device.startswith("cuda"))
         self.rtm_version = str(manifest.get("version", ""))
@@ -156,9 +159,9 @@ class GRMStage:
 
     def _plan(self, meta: dict[str, Any], blob: bytes) -> dict[str, np.ndarray]:
         image = to_float(pixels_of(meta, blob))  # (3, h, w)
-        y_hr, conf = restore(self.model, image)
+        y_hr, conf = restore(self.model, image)  # float32 under every precision
         plan = plan_patches(y_hr, conf, self.model, torch.Generator().manual_seed(self.seed))
-        scores, idx = retrieve(self.model, self.rtm, plan.patches)
+        scores, idx = retrieve(self.model, self.rtm, plan.patches, precision=self.precision)
         meta.update(latent=[plan.grid.height, plan.grid.width], num_patches=len(plan.patches),
                     groups=[int((plan.groups == g).sum()) for g in range(3)])
         if meta.get("map"):
@@ -188,27 +191,10 @@ class GRMStage:
 
 
 # --- fused sampling ---------------------------------------------------------------------------------
-# Fused Patch-adaptive Group Sampling: all three groups in one loop over a shared time grid.
-#
-# With the paper's schedules every group's DDIM steps lie on one grid of stride 50:
-# 1000/20 = 700/14 = 400/8 = 50. Run the grid once from the largest τ down; a patch of group g *joins*
-# the loop at t = τ_g, starting from y_τg = q_sample(y0, τ_g, ε) (Eq. 7) exactly as its own group's sampler
-# would, and from then on it takes the same steps (t -> t - 50) as there. So the result equals per-group
-# sampling (``pgs_sample``) patch for patch, while every model call carries the active patches of all
-# groups: fewer, fuller batches, one actor pool instead of three.
-
-
-def shared_grid(schedule: NoiseSchedule, taus: list[int], steps: list[int]) -> list[int]:
-    """The common descending time grid of all groups; ``ValueError`` when their steps do not share one."""
-    grids = [schedule.timesteps(tau, n) for tau, n in zip(taus, steps, strict=True)]
-    longest = max(grids, key=len)
-    for grid in grids:
-        if grid != longest[len(longest) - len(grid):]:
-            raise ValueError(
-                f"fused sampling needs every group's steps on one grid; (tau, N) = "
-                f"{list(zip(taus, steps, strict=True))} do not share one"
-            )
-    return longest
+# Fused Patch-adaptive Group Sampling: all three groups in one loop over a shared time grid
+# (``patchscaler.sampling.fused_refine_patches``): the result equals per-group sampling patch for patch,
+# while a model call may carry patches of several groups: fewer, fuller batches, one actor pool instead
+# of three.
 
 
 @torch.no_grad()
@@ -222,35 +208,15 @@ def fused_refine(
     *,
     schedule: NoiseSchedule,
     batch_size: int | None = None,
+    prompt_cache: bool = True,
+    precision: str = "fp32",
 ) -> torch.Tensor:
     """Same arguments and result as ``patchscaler.upscaler.refine``: x0 patches (M, 4, V, V)."""
-    cfg = model.config.sampler
-    bs = batch_size or cfg.batch_size
-    device = next(model.patch_dit.parameters()).device
-    plan = group_plan(cfg)
-    taus = [p.tau for p in plan]
-    grid = shared_grid(schedule, taus, [p.steps for p in plan])
-    if not len(y0):
-        return y0.clone()
-    prompts = torch.cat(
-        [texture_prompts(model, v, s) for v, s in zip(values.split(bs), scores.split(bs), strict=True)]
-    )  # (M, K*L, hidden) on device
-    start = torch.tensor(taus)[groups.cpu()]  # (M,) the time step each patch joins at
-    x = torch.zeros_like(y0)  # (M, 4, V, V) on CPU, like refine's result
-    active = torch.zeros(len(y0), dtype=torch.bool)
-    for i, t in enumerate(grid):
-        t_prev = grid[i + 1] if i + 1 < len(grid) else 0
-        joining = torch.nonzero(start == t).flatten()  # (J,)
-        if len(joining):
-            x[joining] = schedule.q_sample(y0[joining], t, noise[joining])
-            active[joining] = True
-        for idx in torch.nonzero(active).flatten().split(bs):
-            t_batch = torch.full((len(idx),), float(t))  # (b,)
-            eps = model.patch_dit(
-                x[idx].to(device), t_batch.to(device), y0[idx].to(device), prompts[idx.to(device)]
-            ).to(x.device)  # (b, 4, V, V)
-            x[idx] = schedule.ddim_step(eps, t, t_prev, x[idx])
-    return x
+    return fused_refine_patches(
+        patch_dit=model.patch_dit, texture_encoder=model.texture_encoder, sampler=model.config.sampler,
+        y0=y0, groups=groups, noise=noise, values=values, scores=scores, schedule=schedule,
+        batch_size=batch_size, prompt_cache=prompt_cache, precision=precision,
+    )
 
 
 class PatchDiTStage:
@@ -261,8 +227,10 @@ class PatchDiTStage:
     creates it and kills the actor's process."""
 
     def __init__(self, *, weights: str | SharedModel, rtm: str | SharedRTM, device: str, mode: str | None,
-                 autoencoder: str | None, group: int | None, crash_marker: str | None = None) -> None:
+                 autoencoder: str | None, group: int | None, crash_marker: str | None = None,
+                 precision: str | None = None) -> None:
         self.model = load_model(weights, device=device, mode=mode, autoencoder=autoencoder)
+        self.precision = resolve_precision(precision, device)
         self.rtm, _ = load_rtm_source(rtm, use_gpu=False)  # only its values are gathered here, no search
         self.schedule = NoiseSchedule(config=self.model.config.sampler)
         self.group = group
@@ -290,7 +258,8 @@ class PatchDiTStage:
         values = self.rtm.gather(torch.from_numpy(batch[S.RTM_IDX][rows].astype(np.int64)))
         sample = fused_refine if self.group is None else refine
         try:
-            x0 = sample(self.model, y0, groups, noise, values, scores, schedule=self.schedule)
+            x0 = sample(self.model, y0, groups, noise, values, scores, schedule=self.schedule,
+                        precision=self.precision)
             out[S.X0][rows] = x0.float().cpu().numpy()
         except Exception as exc:  # the images of these patches become error rows in the assembly
             out[S.ERROR][rows] = f"dit: {type(exc).__name__}: {exc}"
@@ -307,8 +276,9 @@ class AssembleStage:
 
     def __init__(self, *, weights: str | SharedModel, device: str, autoencoder: str | None, fmt: str,
                  quality: int, storage_options: dict[str, Any], sampling: str, seed: int,
-                 score: bool) -> None:
+                 score: bool, precision: str | None = None) -> None:
         self.model = load_model(weights, device=device, mode=None, autoencoder=autoencoder)
+        self.precision = resolve_precision(precision, device)
         self.fmt, self.quality = fmt, quality
         self.storage_options = storage_options
         self.sampling, self.seed = sampling, seed
@@ -329,7 +299,8 @@ class AssembleStage:
         cfg = self.model.config
         grid = plan_grid(*meta["latent"], patch=cfg.sampler.patch_size, overlap=cfg.sampler.overlap)
         x0 = torch.from_numpy(np.ascontiguousarray(rows[S.X0][patch_rows]))  # (M, 4, V, V)
-        rgb = to_uint8(finish(self.model, x0, grid, tuple(meta["shape"])))  # (H, W, 3)
+        image = finish(self.model, x0, grid, tuple(meta["shape"]), precision=self.precision)  # (3, H, W)
+        rgb = to_uint8(image)  # (H, W, 3)
         lr_alpha = None
         if len(rows[S.ALPHA][head]):
             lr_alpha = np.frombuffer(bytes(rows[S.ALPHA][head]), np.uint8).reshape(*meta["shape"])  # (h, w)
