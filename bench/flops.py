@@ -113,7 +113,7 @@ def stage_flops(
     h, w = height // f, width // f
     s = cfg.sampler
     grid = plan_grid(h, w, patch=s.patch_size, overlap=s.overlap)
-    m, v, k = grid.num_patches, s.patch_size, cfg.texture_encoder.top_k
+    m, v, k, c = grid.num_patches, s.patch_size, cfg.texture_encoder.top_k, cfg.latent_channels
     ae = autoencoder if autoencoder is not None else default_autoencoder(cfg)
     with META:
         grm = GRM(config=cfg.grm).eval()
@@ -121,9 +121,9 @@ def stage_flops(
         encoder = TextureEncoder(dit=cfg.patch_dit, config=cfg.texture_encoder).eval()
         dit = PatchDiT(config=cfg.patch_dit).eval()
         image = torch.empty(1, 3, height, width)
-        latent = torch.empty(1, 4, h, w)
-        patch = torch.empty(1, 4, v, v)
-        values, scores = torch.empty(1, k, 4, v, v), torch.empty(1, k)
+        latent = torch.empty(1, c, h, w)
+        patch = torch.empty(1, c, v, v)
+        values, scores = torch.empty(1, k, c, v, v), torch.empty(1, k)
         prompt = torch.empty(1, k * cfg.patch_dit.num_tokens, cfg.patch_dit.hidden_size)
         t = torch.empty(1)
     with torch.no_grad():

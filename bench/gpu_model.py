@@ -155,9 +155,9 @@ class Model:
 class Inputs:
     lr: torch.Tensor  # (1, 3, h, w) on device
     groups: torch.Tensor  # (M,) long, CPU
-    noise: torch.Tensor  # (M, 4, V, V) CPU
+    noise: torch.Tensor  # (M, C, V, V) CPU
     keys: torch.Tensor  # (N, D) normalised, device
-    values: torch.Tensor  # (N, 4, V, V) CPU
+    values: torch.Tensor  # (N, C, V, V) CPU
 
 
 def make_inputs(cfg: PatchScalerConfig, out_size: tuple[int, int], shares: tuple[float, float, float],
@@ -168,13 +168,13 @@ def make_inputs(cfg: PatchScalerConfig, out_size: tuple[int, int], shares: tuple
     counts = group_counts(grid.num_patches, shares)
     groups = torch.cat([torch.full((n,), k, dtype=torch.long) for k, n in enumerate(counts)])
     groups = groups[torch.randperm(len(groups), generator=g)]  # groups scattered over the image
-    v = s.patch_size
+    v, c = s.patch_size, cfg.latent_channels
     return Inputs(
         lr=torch.rand(1, 3, out_size[0] // cfg.scale, out_size[1] // cfg.scale, generator=g).to(device),
         groups=groups,
-        noise=torch.randn(grid.num_patches, 4, v, v, generator=g),
+        noise=torch.randn(grid.num_patches, c, v, v, generator=g),
         keys=F.normalize(torch.randn(rtm_entries, cfg.classifier.feature_dim, generator=g), dim=1).to(device),
-        values=torch.randn(rtm_entries, 4, v, v, generator=g),
+        values=torch.randn(rtm_entries, c, v, v, generator=g),
     )
 
 
@@ -216,11 +216,11 @@ def upscale(model: Model, inp: Inputs, v: Variant, device: torch.device) -> tupl
     def encode() -> torch.Tensor:  # = patchscaler.upscaler.restore: float32 under every precision
         hr = F.interpolate(inp.lr, scale_factor=cfg.scale, mode="bicubic", align_corners=False).clamp(0, 1)
         hr = F.pad(hr, (0, (-hr.shape[-1]) % f, 0, (-hr.shape[-2]) % f), mode="replicate")
-        return model.autoencoder.encode(hr)  # (1, 4, h, w)
+        return model.autoencoder.encode(hr)  # (1, C, h, w)
 
     def grm() -> torch.Tensor:
         y_hr, _conf = model.grm(y_lr)
-        return y_hr[0]  # (4, h, w)
+        return y_hr[0]  # (C, h, w)
 
     def retrieve() -> tuple[torch.Tensor, torch.Tensor]:
         queries = []
@@ -234,12 +234,12 @@ def upscale(model: Model, inp: Inputs, v: Variant, device: torch.device) -> tupl
     y_lr = clock.stage("encode", encode)
     y_hr = clock.stage("grm", grm)
     grid = plan_grid(y_hr.shape[-2], y_hr.shape[-1], patch=s.patch_size, overlap=s.overlap)
-    y0 = split_patches(y_hr, grid)  # (M, 4, V, V) on device
+    y0 = split_patches(y_hr, grid)  # (M, C, V, V) on device
     scores, values = clock.stage("retrieve", retrieve)
     x0 = clock.stage("refine", lambda: refine(model, v, y0, inp, scores, values, device))
 
     def decode() -> torch.Tensor:
-        latent = merge_patches(x0.to(device).float(), grid)  # (4, h, w)
+        latent = merge_patches(x0.to(device).float(), grid)  # (C, h, w)
         with autocast(device, prec):
             return model.autoencoder.decode(latent[None])[0].float()  # (3, H, W)
 
@@ -256,7 +256,7 @@ def dit_step_time(model: Model, v: Variant, batch: int, device: torch.device, ca
     """Median seconds of one Patch-DiT call on ``batch`` patches (prompt K/V precomputed with the cache)."""
     cfg, g = model.cfg, torch.Generator().manual_seed(1)
     v_ = cfg.sampler.patch_size
-    x = torch.randn(batch, 4, v_, v_, generator=g).to(device)
+    x = torch.randn(batch, cfg.latent_channels, v_, v_, generator=g).to(device)
     t = torch.full((batch,), 500.0, device=device)
     tokens = cfg.texture_encoder.top_k * cfg.patch_dit.num_tokens
     prompt = torch.randn(batch, tokens, cfg.patch_dit.hidden_size, generator=g).to(device)
@@ -317,6 +317,10 @@ def main() -> None:
     device = torch.device(args.device)
     cpu = device.type == "cpu"
     cfg = PRESETS[args.preset]
+    if cfg.autoencoder.kind != "kl":  # the stand-in is diffusers' AutoencoderKL network only
+        print(f"note: preset {args.preset}'s autoencoder is {cfg.autoencoder.kind!r}; its stages are timed "
+              f"with the AutoencoderKL network of the same widths, factor and latent channels")
+        cfg = dataclasses.replace(cfg, autoencoder=dataclasses.replace(cfg.autoencoder, kind="kl"))
     precision = args.precision or ("fp32" if cpu else "bf16")
     other = "bf16" if precision == "fp32" else "fp32"
     batches = args.batch_sizes or ([4, 16] if cpu else [128, 256, 512, 1024])

@@ -89,7 +89,9 @@ def test_upscale_dataset_scores_and_maps_in_one_pass(ray_session, assets, tmp_pa
         image = to_float(decode_image((assets.inputs / name).read_bytes(), max_pixels=1 << 20).rgb)
         plan = plan_patches(*restore(model, image), model, torch.Generator().manual_seed(3))
         with Image.open(out / "_maps" / name) as png:
-            assert png.mode == "P" and png.size == (image.shape[-1] // 2, image.shape[-2] // 2)
+            per_lr_pixel = model.config.scale / model.config.autoencoder.downsample_factor  # latent px
+            size = (round(image.shape[-1] * per_lr_pixel), round(image.shape[-2] * per_lr_pixel))
+            assert png.mode == "P" and png.size == size
             assert np.array_equal(np.asarray(png), group_map(plan.groups, plan.grid).numpy())
     assert not (out / "_maps" / "corrupt.png").exists()
 

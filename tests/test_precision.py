@@ -42,7 +42,8 @@ def test_precision_values() -> None:
 
 
 def test_confidence_head_stays_float32_under_autocast(tiny_model) -> None:
-    y_lr = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    c = tiny_model.config.latent_channels
+    y_lr = torch.randn(1, c, 16, 16, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         _, conf32 = tiny_model.grm(y_lr)
         with autocast("cpu", "bf16"):

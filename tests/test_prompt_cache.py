@@ -66,9 +66,9 @@ def test_parameters_and_checkpoint_keys_are_unchanged() -> None:
 
 
 def _patches(model, rtm, m: int = 9, seed: int = 3):
-    g = torch.Generator().manual_seed(seed)
-    y0 = torch.randn(m, 4, 16, 16, generator=g)
-    noise = torch.randn(m, 4, 16, 16, generator=g)
+    g, c = torch.Generator().manual_seed(seed), model.config.latent_channels
+    y0 = torch.randn(m, c, 16, 16, generator=g)
+    noise = torch.randn(m, c, 16, 16, generator=g)
     groups = torch.tensor([0, 1, 2, 2, 1, 0, 1, 2, 0][:m])
     with torch.no_grad():
         scores, idx = rtm.search(model.classifier.features(y0), model.config.texture_encoder.top_k)

@@ -63,7 +63,7 @@ def write_mixed(folder: Path) -> None:
     good = png(texture(0, 160, 160, 10))
     (folder / "truncated.png").write_bytes(good[: len(good) // 2])
     (folder / "garbage.jpg").write_bytes(b"\xff\xd8\xff" + np.random.default_rng(0).bytes(300))
-    (folder / "small.png").write_bytes(png(texture(0, 64, 96, 11)))
+    (folder / "small.png").write_bytes(png(texture(0, 48, 96, 11)))  # under any crop (64 or 128)
 
 
 EXPECTED_SKIPPED = {"empty": 1, "not_an_image": 2, "corrupt": 1, "too_small": 1}
@@ -176,7 +176,8 @@ def local_build(ray_session, data: dict[str, Path]) -> Path:
 
 def test_local_build_artifact(local_build: Path, data: dict[str, Path]) -> None:
     rtm, manifest = load_rtm(str(local_build))
-    assert len(rtm) == 16 and rtm.values.shape == (16, 4, 16, 16)
+    channels = load_checkpoint(str(data["weights"])).config.latent_channels
+    assert len(rtm) == 16 and rtm.values.shape == (16, channels, 16, 16)
     assert torch.allclose(rtm.keys.norm(dim=1), torch.ones(16), atol=1e-5)
     assert manifest["counts"]["skipped"] == EXPECTED_SKIPPED
     assert manifest["counts"]["converted"] == EXPECTED_CONVERTED
