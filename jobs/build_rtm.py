@@ -75,6 +75,9 @@ def run(args: argparse.Namespace) -> int:
     if args.add_source:
         what = "--base" if args.base else "--out (the RTM to extend)"
         check_exists(args.base or args.out, options, what=what)
+        # the candidate pool is what --add-source extends; the bundled demo RTM ships without it (16 MB)
+        check_exists(f"{(args.base or args.out).rstrip('/')}/candidates.parquet", options,
+                     what=f"{what}: its candidate pool (rebuild it with --source to extend it)")
     check_checkpoint(args.weights, options)
     if args.autoencoder:
         check_exists(args.autoencoder, options, what="--autoencoder")

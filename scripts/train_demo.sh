@@ -54,7 +54,8 @@ cli train-patchdit --init "$RUN/cls" --out "$RUN/final" --data "$DATA/photos" --
 rm -rf assets/demo/weights assets/demo/rtm assets/demo/curves
 mkdir -p assets/demo/weights assets/demo/rtm assets/demo/curves
 cp "$RUN/final/config.json" "$RUN/final/model.safetensors" assets/demo/weights/
-find "$RUN/rtm" -maxdepth 1 -type f -exec cp {} assets/demo/rtm/ \;
+# the RTM without its candidate pool (candidates.parquet, 16 MB: only `build-rtm --add-source` reads it)
+find "$RUN/rtm" -maxdepth 1 -type f ! -name candidates.parquet -exec cp {} assets/demo/rtm/ \;
 for stage in ae grm cls final; do cp "$RUN/$stage/loss_curve.png" "assets/demo/curves/$stage.png"; done
 minutes=$(( ($(date +%s) - start) / 60 ))
 "$PY" scripts/demo_card.py --runs "$RUN" --data "$DATA" --wall-minutes "$minutes"
