@@ -1,7 +1,7 @@
 """Evaluation sets: their folder layouts, the matching of upscaled results to their inputs, and a
 synthetic LSDIR-Test-style set made from HR images.
 
-Layouts (``--layout``; ``auto`` picks the first that fits):
+Layouts (``--dataset-layout``; ``auto`` picks the first that fits):
 
 - ``realsr``: RealSR (V3) — ``*_LR4.png`` next to ``*_HR.png``, in any subfolders (``Canon/Test/4/``,
   ``Nikon/Test/4/``). When the tree has ``Test`` folders only those are used (RealSR's 100 test images).

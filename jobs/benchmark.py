@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     check_pipeline_args(args, options)
     try:
         sets = [(name, normalize_root(root),
-                 load_dataset(name, root, layout=args.layout, scale=args.scale, options=options))
+                 load_dataset(name, root, layout=args.dataset_layout, scale=args.scale, options=options))
                 for name, root in args.dataset]
     except (FileNotFoundError, ValueError) as exc:
         raise UsageError(short(exc)) from None

@@ -34,7 +34,8 @@ def metric_list(text: str) -> tuple[str, ...]:
 
 def add_dataset_arguments(p: argparse.ArgumentParser) -> None:
     """Dataset layout, scale and metrics: shared by ``evaluate`` and ``benchmark``."""
-    p.add_argument("--layout", choices=LAYOUTS, default="auto", help="dataset layout (auto: detected)")
+    p.add_argument("--dataset-layout", dest="dataset_layout", choices=LAYOUTS, default="auto",
+                   help="how the evaluation set's files are laid out (auto: detected)")
     p.add_argument("--scale", type=int, default=4, help="upscaling factor (RealSR's *_LR<scale> files)")
     p.add_argument("--metrics", type=metric_list, default=PAPER_METRICS,
                    help=f"comma-separated (default: {','.join(PAPER_METRICS)}); psnr,ssim,piqe need no "
@@ -132,7 +133,8 @@ def run(args: argparse.Namespace) -> int:
     check_output(args.out, options, what="--out")
     cache = resolve_cache_dir(args.metric_cache)
     try:
-        plan = plan_scoring(args.results, args.dataset, layout=args.layout, scale=args.scale, options=options)
+        plan = plan_scoring(args.results, args.dataset, layout=args.dataset_layout, scale=args.scale,
+                            options=options)
     except (FileNotFoundError, ValueError) as exc:
         raise UsageError(short(exc)) from None
     for entry in plan.missing:

@@ -210,10 +210,11 @@ class Recorder:
         self.error = ""
 
     def add(self, row: dict[str, Any]) -> None:
+        scores = Q.rows_of(row)  # from the full row: the score rows travel in a column the manifest lacks
         row = {f.name: row[f.name] for f in S.MANIFEST_SCHEMA}
         row["error"] = name_the_file(row["error"], row["source"])
         self.rows.append(row)
-        self.scores += Q.rows_of(row)
+        self.scores += scores
 
     def due(self) -> bool:
         return bool(self.rows) and (len(self.rows) >= self.cfg.window

@@ -154,7 +154,8 @@ def test_a_storage_outage_ends_with_a_summary_not_a_traceback(ray_session, tmp_p
     assert code == 1
     assert "Traceback" not in stdout + stderr and len(calls) >= 2  # parts and the manifest were tried
     assert "done: 2 ok, 2 failed, 0 skipped" in stdout, stdout
-    assert "failed images (2):" in stdout and stdout.count("assemble: FileExistsError") == 2, stdout
+    assert "failed images (2):" in stdout and stdout.count(": write: ") == 2, stdout  # the stage that failed
+    assert stdout.count("FileExistsError") == 2, stdout
     err = stderr.splitlines()
     assert len(err) == 1 and err[0].startswith("warning: cannot record results (OSError")  # said once
     assert "error: storage failed, 4 results not recorded (OSError: Could not connect" in stdout
