@@ -27,7 +27,12 @@ RESERVED_TASKS = 2  # one read and one decode task always find room beside the a
 LAYOUTS = ("auto", "single", "pools", "fused")
 GROUP_POOLS = ("dit-simple", "dit-medium", "dit-hard")
 DIT_SLOTS_PER_GPU = 2  # Patch-DiT actors per GPU on multi-GPU nodes (docs/pipeline.md)
-LIGHT_SHARE = 0.05  # upper bound of the GPU work of one light stage (GRM or assemble) per image
+# Shares of an image's GPU time in the light stages, from bench/flops.py (paper preset, 512 -> 2048, bf16,
+# prompt cache, adaptive shares 0.2/0.3/0.5: 893 TFLOP per image; docs/pipeline.md): the GRM stage
+# (encode 30.7 + GRM 0.3 + classifier 0.1 TFLOP = 3.5%, counted twice: the encoder runs in float32, TF32
+# at about half the bf16 rate) and the assemble stage (decode 69.2 TFLOP = 7.8%). Patch-DiT is the rest.
+GRM_SHARE = 0.07
+ASSEMBLE_SHARE = 0.08
 SMALL_JOB = 16  # images: below this a GPU job runs the single layout (start-up dominates)
 
 
@@ -178,22 +183,22 @@ def single_actors(nodes: list[Node], *, device: str, blocks: int) -> int:
     return max(1, min(per, blocks))
 
 
-def light_actors(gpus: int, slots: int) -> int:
-    """GRM or assemble actors on a GPU cluster: enough for ``LIGHT_SHARE`` of the work when each gets
-    ``1/slots`` of a GPU, at least one."""
-    return max(1, math.ceil(gpus * slots * LIGHT_SHARE - 1e-9))
+def light_actors(gpus: int, slots: int, share: float) -> int:
+    """GRM or assemble actors on a GPU cluster: enough for ``share`` of the cluster's GPU time when each
+    gets ``1/slots`` of a GPU, at least one."""
+    return max(1, math.ceil(gpus * slots * share - 1e-9))
 
 
 def gpu_pool_counts(gpus: int, *, fused: bool, score_actors: int = 0) -> tuple[int, int, int]:
     """(GRM actors, assemble actors, Patch-DiT actors in all) of the pools layout on ``gpus`` GPUs: the
     GPUs are cut into equal slots, ``DIT_SLOTS_PER_GPU`` per GPU (more on small nodes, so that the
-    three group pools and the light actors all get one); the light stages get what ``LIGHT_SHARE``
-    needs and Patch-DiT every other slot (docs/pipeline.md, "Resource plan")."""
+    three group pools and the light actors all get one); the light stages get what ``GRM_SHARE`` and
+    ``ASSEMBLE_SHARE`` need and Patch-DiT every other slot (docs/pipeline.md, "Resource plan")."""
     need_dit = 1 if fused else 3
     slots = DIT_SLOTS_PER_GPU
     while True:
-        light = light_actors(gpus, slots)
-        dit = gpus * slots - 2 * light - score_actors
+        grm, assemble = light_actors(gpus, slots, GRM_SHARE), light_actors(gpus, slots, ASSEMBLE_SHARE)
+        dit = gpus * slots - grm - assemble - score_actors
         if dit >= need_dit:
-            return light, light, dit
+            return grm, assemble, dit
         slots += 1
