@@ -69,7 +69,8 @@ def make_weights(root: Path, preset: str, images: list[Path], device: str) -> tu
     model.config = model.config.replace(sampler=replace(model.config.sampler, gamma1=gamma1, gamma2=gamma2))
     weights, rtm_dir = str(root / "weights"), str(root / "rtm")
     save_checkpoint(model.cpu(), weights)
-    values = torch.randn(256, 4, 16, 16, generator=torch.Generator().manual_seed(1))
+    c, v = model.config.latent_channels, model.config.sampler.patch_size
+    values = torch.randn(256, c, v, v, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         keys = model.classifier.features(values)
     rtm = ReferenceTextureMemory(keys=keys, values=values)
