@@ -59,7 +59,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from jobs.checks import UsageError, check_checkpoint, check_exists, check_output, short
     from jobs.runtime import start_ray
-    from pipeline.io import storage_options
+    from pipeline.io import join, storage_options
+    from rtm_builder.artifact import CANDIDATES_FILE
     from rtm_builder.build import BuildConfig, build_rtm
 
     if args.s3_endpoint:  # before ray.init, so that local workers (checkpoint loads) see it too
@@ -76,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
         what = "--base" if args.base else "--out (the RTM to extend)"
         check_exists(args.base or args.out, options, what=what)
         # the candidate pool is what --add-source extends; the bundled demo RTM ships without it (16 MB)
-        check_exists(f"{(args.base or args.out).rstrip('/')}/candidates.parquet", options,
+        check_exists(join(args.base or args.out, CANDIDATES_FILE), options,
                      what=f"{what}: its candidate pool (rebuild it with --source to extend it)")
     check_checkpoint(args.weights, options)
     if args.autoencoder:

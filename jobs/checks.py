@@ -45,24 +45,28 @@ def _probe_options(uri: str, options: dict[str, Any]) -> dict[str, Any]:
     return {**options, **_PROBE}
 
 
-def check_exists(uri: str, options: dict[str, Any], *, what: str) -> None:
-    """``uri`` (local path or object-store URL) exists and can be reached; else ``UsageError``."""
+def _found(uri: str, options: dict[str, Any], *, what: str, bucket: bool = False) -> bool:
+    """Whether ``uri`` (or, with ``bucket``, its bucket) exists; ``UsageError`` when it cannot be asked."""
     from pipeline.io import filesystem
 
     try:
         fs, path = filesystem(uri, _probe_options(uri, options))
         fs.invalidate_cache()
-        found = fs.exists(path)
+        return fs.exists(uri.split("://", 1)[1].split("/", 1)[0] if bucket else path)
     except Exception as exc:
         raise UsageError(f"{what} {uri}: {storage_problem(exc)}") from None
-    if not found:
+
+
+def check_exists(uri: str, options: dict[str, Any], *, what: str) -> None:
+    """``uri`` (local path or object-store URL) exists and can be reached; else ``UsageError``."""
+    if not _found(uri, options, what=what):
         raise UsageError(f"{what} not found: {uri}")
 
 
 def check_output(uri: str, options: dict[str, Any], *, what: str = "--output") -> None:
     """The output location can be written: a local folder, or a folder that can be made there (nothing
     is created here), or an object store prefix whose bucket can be reached."""
-    from pipeline.io import filesystem, is_remote
+    from pipeline.io import is_remote
 
     if not is_remote(uri):
         path = os.path.abspath(uri)
@@ -76,15 +80,9 @@ def check_output(uri: str, options: dict[str, Any], *, what: str = "--output") -
         if not os.access(existing, os.W_OK | os.X_OK):
             raise UsageError(f"{what} {uri}: {existing} is not writable")
         return
-    bucket = uri.split("://", 1)[1].split("/", 1)[0]
-    scheme = uri.split("://", 1)[0]
-    try:
-        fs, _ = filesystem(uri, _probe_options(uri, options))
-        found = fs.exists(bucket)
-    except Exception as exc:
-        raise UsageError(f"{what} {uri}: {storage_problem(exc)}") from None
-    if not found:
-        raise UsageError(f"{what} {uri}: bucket {scheme}://{bucket} not found")
+    if not _found(uri, options, what=what, bucket=True):
+        scheme, rest = uri.split("://", 1)
+        raise UsageError(f"{what} {uri}: bucket {scheme}://{rest.split('/', 1)[0]} not found")
 
 
 def check_checkpoint(path: str, options: dict[str, Any], *, what: str = "--weights") -> None:

@@ -112,17 +112,6 @@ def retrieve(
 
 
 @torch.no_grad()
-def texture_prompts(
-    model: PatchScalerModel, values: torch.Tensor, scores: torch.Tensor, *, precision: str = "fp32"
-) -> torch.Tensor:
-    """Similarity-aware texture encoder, once per patch: (B, K, 4, V, V), (B, K) -> (B, K*L, hidden)
-    on the model's device (bf16 under ``precision="bf16"``)."""
-    device = next(model.texture_encoder.parameters()).device
-    with autocast(device, precision):
-        return model.texture_encoder(values.to(device), scores.to(device))
-
-
-@torch.no_grad()
 def refine(
     model: PatchScalerModel,
     y0: torch.Tensor,

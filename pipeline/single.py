@@ -54,7 +54,7 @@ def can_fuse(config: Any, mode: str | None) -> bool:
 
     from patchscaler.diffusion import NoiseSchedule
     from patchscaler.pgs import group_plan
-    from pipeline.stages import shared_grid
+    from patchscaler.sampling import shared_grid
 
     sampler = replace(config.sampler, mode=mode) if mode else config.sampler
     plan = group_plan(sampler)

@@ -23,7 +23,7 @@ from patchscaler.diffusion import NoiseSchedule
 from patchscaler.model import PatchScalerModel
 from patchscaler.patching import plan_grid
 from patchscaler.precision import resolve_precision
-from patchscaler.sampling import fused_refine_patches, shared_grid  # noqa: F401 (shared_grid: re-export)
+from patchscaler.sampling import fused_refine_patches
 from patchscaler.upscaler import finish, group_map, plan_patches, refine, restore, retrieve
 from pipeline import schema as S
 from pipeline.decode import GREY_MODES, decode_image, encode_group_map, encode_output, to_float, to_uint8

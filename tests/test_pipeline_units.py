@@ -208,8 +208,9 @@ def test_manifest_resume_and_consolidation(tmp_path) -> None:
 
 def test_fused_sampling_equals_per_group_sampling(tiny_model, tiny_rtm) -> None:
     from patchscaler.diffusion import NoiseSchedule
+    from patchscaler.sampling import shared_grid
     from patchscaler.upscaler import refine
-    from pipeline.stages import fused_refine, shared_grid
+    from pipeline.stages import fused_refine
 
     g = torch.Generator().manual_seed(3)
     c, v = tiny_model.config.latent_channels, tiny_model.config.sampler.patch_size
