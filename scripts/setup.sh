@@ -12,6 +12,8 @@ fi
 empty_links=$(mktemp -d)
 export PIP_FIND_LINKS="$empty_links" PIP_DISABLE_PIP_VERSION_CHECK=1
 .venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -c constraints.txt -e '.[test]'
+# PYTHONWARNINGS: setuptools' editable build prints a multi-line warning block on every run (folders
+# named like the package), which says nothing about this project; pip's own errors still show.
+PYTHONWARNINGS=ignore .venv/bin/python -m pip install -q -c constraints.txt -e '.[test]'
 rmdir "$empty_links"
 .venv/bin/python -c "import torch, torchvision, diffusers, ray, faiss, pyiqa; print('setup ok: torch', torch.__version__, 'ray', ray.__version__)"
