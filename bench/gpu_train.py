@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import gc
 import platform
 import shlex
 import sys
@@ -163,10 +164,12 @@ def gb(x: float | None) -> str:
 
 
 def build(cfg: PatchScalerConfig, device: torch.device, seed: int) -> Denoiser:
+    """The trainable pair with random weights, initialised on ``device`` (fast for the paper's 748M)."""
     torch.manual_seed(seed)
-    model = Denoiser(patch_dit=PatchDiT(config=cfg.patch_dit),
-                     texture_encoder=TextureEncoder(dit=cfg.patch_dit, config=cfg.texture_encoder))
-    return randomize_zeros(model, torch.Generator().manual_seed(seed)).to(device).train()
+    with device:
+        model = Denoiser(patch_dit=PatchDiT(config=cfg.patch_dit),
+                         texture_encoder=TextureEncoder(dit=cfg.patch_dit, config=cfg.texture_encoder))
+    return randomize_zeros(model, torch.Generator().manual_seed(seed)).train()
 
 
 def gpu_hours(args: argparse.Namespace) -> None:
@@ -255,10 +258,14 @@ def main() -> None:
         if estimate > left:
             report.skip(key, f"needs about {estimate:.0f} s, {max(left, 0):.0f} s left")
             return
+        row = None
         try:
             row = time_row(model, compiled, cfg, b, precision, device, args.warmup, args.steps, args.seed)
         except Exception as exc:  # out of memory, a compile failure: recorded, the next row goes on
             report.skip(key, f"failed: {type(exc).__name__}: {str(exc)[:300]}")
+        if row is None:
+            model.zero_grad(set_to_none=True)
+            gc.collect()  # the failed step's activations, now that the traceback is gone
             if cuda:
                 torch.cuda.empty_cache()
             return
