@@ -245,6 +245,7 @@ def main() -> None:
                                 "peak_tflops": peak / 1e12, "crop": args.crop})
     deadline = time.perf_counter() + args.budget
     rate = 0.2 * peak  # FLOP/s guessed for the first row's estimate, then the last measured
+    per_patch = {name: train_step_flops(PRESETS[name], 1) for name in args.presets}  # linear in the batch
 
     def attempt(key: str, cfg_name: str, model: nn.Module, compiled: nn.Module | None, crops: int,
                 precision: str, extra_seconds: float) -> None:
@@ -252,7 +253,7 @@ def main() -> None:
         cfg = PRESETS[cfg_name]
         per_crop = windows_per_crop(cfg, args.crop)
         b = crops * per_crop
-        flops = train_step_flops(cfg, b)
+        flops = b * per_patch[cfg_name]
         estimate = 1.5 * (args.warmup + args.steps) * flops / rate + extra_seconds
         left = deadline - time.perf_counter()
         if estimate > left:
