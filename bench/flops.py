@@ -163,6 +163,51 @@ def patch_steps(cfg: PatchScalerConfig, counts: list[int], mode: str) -> int:
     return sum(n * sched.steps for n, sched in zip(counts, plan, strict=True))
 
 
+def windows_per_crop(cfg: PatchScalerConfig, crop: int) -> int:
+    """Training patches of one ``crop`` px HR crop: every V x V latent window at the sampler's patch
+    stride (``patchscaler.training.steps.latent_windows``; 9 for 256 px at f = 8)."""
+    s, f = cfg.sampler, cfg.autoencoder.downsample_factor
+    h, stride = crop // f, s.patch_size - s.overlap
+    if h < s.patch_size:
+        raise ValueError(f"a {crop} px crop is a {h}x{h} latent, smaller than one {s.patch_size}^2 window")
+    return ((h - s.patch_size) // stride + 1) ** 2
+
+
+def train_step_flops(cfg: PatchScalerConfig, batch: int) -> int:
+    """FLOPs of one Patch-DiT training step on ``batch`` patches (``patchdit_step`` on precomputed
+    latents): the texture encoder and Patch-DiT forward (prompt given, no K/V cache) and backward (the
+    weights' gradients; the inputs need none), counted on the meta device. About 3x the forward; the
+    optimizer's element-wise update is not counted."""
+    d, k = cfg.patch_dit, cfg.texture_encoder.top_k
+    v, c = d.input_size, d.latent_channels
+    with META:
+        encoder = TextureEncoder(dit=d, config=cfg.texture_encoder)
+        dit = PatchDiT(config=d)
+        x, t = torch.empty(batch, c, v, v), torch.empty(batch)
+        values, scores = torch.empty(batch, k, c, v, v), torch.empty(batch, k)
+    with FlopCounterMode(display=False) as counter:
+        out = dit(x, t, x, encoder(values, scores))  # (B, C, V, V)
+        out.float().pow(2).mean().backward()
+    return int(counter.get_total_flops())
+
+
+def frozen_crop_flops(cfg: PatchScalerConfig, crop: int, *, autoencoder: nn.Module | None = None) -> int:
+    """FLOPs of the frozen forward work per HR crop that ``patchdit_step`` does at every step today: the
+    autoencoder encodes the x4 bicubic LR input and the HR crop, the GRM runs on y_LR, the classifier on
+    every training window (retrieval in faiss, not counted). ``autoencoder`` as in ``stage_flops``."""
+    f = cfg.autoencoder.downsample_factor
+    v = cfg.sampler.patch_size
+    ae = autoencoder if autoencoder is not None else default_autoencoder(cfg)
+    with META:
+        grm = GRM(config=cfg.grm).eval()
+        classifier = TextureClassifier(config=cfg.classifier).eval()
+        image = torch.empty(1, 3, crop, crop)
+        latent = torch.empty(1, cfg.latent_channels, crop // f, crop // f)
+        patch = torch.empty(1, cfg.latent_channels, v, v)
+    return (2 * count_flops(ae.encode, image) + count_flops(grm, latent)
+            + windows_per_crop(cfg, crop) * count_flops(classifier.features, patch))
+
+
 def gflop(x: float) -> str:
     return f"{x / 1e9:,.1f}"
 
