@@ -42,6 +42,11 @@ def add_arguments(p: argparse.ArgumentParser, task: str) -> None:
     p.add_argument("--max-grad-norm", type=float, default=d["max_grad_norm"])
     if task in ("grm", "patchdit"):
         p.add_argument("--degradation", choices=["realesrgan", "bicubic"], default=d["degradation"])
+    if task in ("grm", "classifier", "patchdit"):
+        p.add_argument("--autoencoder", default=None, metavar="DIR",
+                       help="pretrained diffusers AutoencoderKL folder (local or s3://) that replaces "
+                            "--init's autoencoder, config.json's scaling_factor included (see init-weights "
+                            "--autoencoder, which writes it into the checkpoint once)")
     if task == "grm":
         p.add_argument("--val-data", action="append", default=[],
                        help="validation HR images (never trained on) on which gamma1/gamma2 of PGS are "
@@ -85,6 +90,10 @@ def config_from_args(args: argparse.Namespace, task: str) -> TrainConfig:
     values = {k: getattr(args, k) for k in fields if hasattr(args, k)}
     if "val_data" in values:
         values["val_data"] = tuple(values["val_data"])
+    if values.get("autoencoder"):  # Ray Train workers run in their own working directory
+        from pipeline.io import normalize_root
+
+        values["autoencoder"] = normalize_root(values["autoencoder"])
     use_gpu = {"auto": None, "yes": True, "no": False}[args.gpu]
     return TrainConfig(task=task, data=tuple(args.data), use_gpu=use_gpu, **values)
 
@@ -103,6 +112,17 @@ def check_args(args: argparse.Namespace, task: str) -> None:
         check_exists(data, options, what="--data")
     if task == "patchdit":
         check_rtm(args.rtm, options)
+    if getattr(args, "autoencoder", None):
+        check_exists(args.autoencoder, options, what="--autoencoder")
+    if task == "autoencoder":
+        from patchscaler.weights import load_config
+
+        pretrained = load_config(args.init).autoencoder.pretrained
+        if pretrained:
+            from jobs.checks import UsageError
+
+            raise UsageError(f"--init {args.init} holds a pretrained autoencoder ({pretrained}); "
+                             "train-autoencoder would overwrite it: skip this stage, start at train-grm")
     check_output(args.out, options, what="--out")
 
 

@@ -56,6 +56,9 @@ class TrainConfig:
     recon_loss: str = "l1"  # autoencoder: "l1" (LDM), "mse" or "mse+fft" (patchscaler/training/losses.py)
     calibrate_scale: bool = True  # autoencoder: write scaling_factor = 1 / std(latents)
     rtm: str | None = None  # patchdit: RTM artifact dir
+    # grm / classifier / patchdit: a pretrained diffusers AutoencoderKL folder that replaces --init's
+    # autoencoder (weights and config, scaling_factor included); written into every checkpoint
+    autoencoder: str | None = None
     # patchdit: "uniform" t ~ U{1..T} (Eq. 9) or "sampler": only the times PGS evaluates the network at
     t_sampling: str = "uniform"
     # grm: validation HR images (never trained on) on which gamma1/gamma2 are calibrated at every
@@ -114,6 +117,20 @@ class Task:
     device: torch.device
     extras: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        if self.cfg.autoencoder:
+            self.use_autoencoder(self.cfg.autoencoder)
+
+    def use_autoencoder(self, source: str) -> None:
+        """Put the pretrained autoencoder at ``source`` (``weights.load_pretrained_autoencoder``) in place
+        of the model's own, frozen; the model's config (what checkpoints record) follows it."""
+        from patchscaler.autoencoder import LatentAutoencoder
+        from patchscaler.weights import load_pretrained_autoencoder, with_autoencoder
+
+        vae, ae_config = load_pretrained_autoencoder(source, self.model.config.autoencoder)
+        self.model.config = with_autoencoder(self.model.config, ae_config, source=source)
+        self.model.autoencoder = LatentAutoencoder(config=ae_config, vae=vae).to(self.device)
+
     def setup(self) -> nn.Module:
         raise TypeError(f"{type(self).__name__} must define setup()")
 
@@ -148,6 +165,10 @@ def _stream_seed(seed: int, rank: int, start_step: int) -> int:
 
 class AutoencoderTask(Task):
     def setup(self) -> nn.Module:
+        if self.model.config.autoencoder.pretrained:
+            raise ValueError(f"the autoencoder of {self.cfg.init} is pretrained "
+                             f"({self.model.config.autoencoder.pretrained}): skip train-autoencoder and "
+                             "start at train-grm")
         self.check_crop(self.model.autoencoder.factor)
         ae = self.model.autoencoder
         return _freeze_all_but(self.model, AutoencoderForTraining(vae=ae.vae, config=ae.config))
