@@ -42,6 +42,14 @@ def add_arguments(p: argparse.ArgumentParser, task: str) -> None:
     p.add_argument("--max-grad-norm", type=float, default=d["max_grad_norm"])
     if task in ("grm", "patchdit"):
         p.add_argument("--degradation", choices=["realesrgan", "bicubic"], default=d["degradation"])
+        p.add_argument("--clean-share", type=float, default=d["clean_share"],
+                       help="share of pairs degraded by bicubic down-sampling only")
+        p.add_argument("--mild-share", type=float, default=d["mild_share"],
+                       help="share of pairs degraded mildly (light blur, noise and JPEG 70-95); the rest get "
+                            "Real-ESRGAN's second-order degradation")
+        p.add_argument("--pair-pool", type=int, default=d["pair_pool"],
+                       help="Real-ESRGAN's pool of (HR, LR) pairs on the training device that mixes batches "
+                            "(e.g. 15 x --batch-size; 0: off)")
     if task in ("grm", "classifier", "patchdit"):
         p.add_argument("--autoencoder", default=None, metavar="DIR",
                        help="pretrained diffusers AutoencoderKL folder (local or s3://) that replaces "

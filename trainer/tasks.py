@@ -19,7 +19,7 @@ from torch import nn
 
 from patchscaler.config import PatchScalerConfig
 from patchscaler.model import PatchScalerModel
-from patchscaler.training.degradations import DegradationConfig, degrade
+from patchscaler.training.degradations import DegradationConfig, PairPool, degrade
 from patchscaler.training.steps import (
     AutoencoderForTraining,
     TextureDenoiser,
@@ -52,6 +52,10 @@ class TrainConfig:
     checkpoint_every: int = 1000
     max_grad_norm: float | None = 1.0
     degradation: str = "realesrgan"  # or "bicubic"
+    # grm / patchdit: shares of clean (bicubic-only) and mild pairs beside Real-ESRGAN's (DegradationConfig)
+    clean_share: float = 0.1
+    mild_share: float = 0.2
+    pair_pool: int = 0  # grm / patchdit: Real-ESRGAN's pool of training pairs (pairs kept; 0: off)
     kl_weight: float = 1e-6  # autoencoder (AutoencoderKL only)
     recon_loss: str = "l1"  # autoencoder: "l1" (LDM), "mse" or "mse+fft" (patchscaler/training/losses.py)
     calibrate_scale: bool = True  # autoencoder: write scaling_factor = 1 / std(latents)
@@ -149,9 +153,27 @@ class Task:
         """The config written next to the weights (the autoencoder task calibrates the latent scale)."""
         return self.model.config
 
+    def degradation(self) -> DegradationConfig:
+        return DegradationConfig(kind=self.cfg.degradation, scale=self.model.config.scale,
+                                 clean_share=self.cfg.clean_share, mild_share=self.cfg.mild_share)
+
     def degrade(self, hr: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        deg = DegradationConfig(kind=self.cfg.degradation, scale=self.model.config.scale)
-        return degrade(hr, config=deg, generator=generator)
+        """LR images of ``hr`` (B, 3, H, W) on the training device. Off the CPU, the randomness comes from
+        a generator on that device, seeded once from ``generator`` (so noise is drawn where it is used)."""
+        if hr.device.type != generator.device.type:
+            if "degrade_generator" not in self.extras:
+                seed = int(torch.randint(2**62, (), generator=generator))
+                self.extras["degrade_generator"] = torch.Generator(device=hr.device).manual_seed(seed)
+            generator = self.extras["degrade_generator"]
+        return degrade(hr, config=self.degradation(), generator=generator)
+
+    def pairs(self, hr: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """(HR, LR) training pairs of a batch of HR crops: degraded, then mixed through the pair pool."""
+        lr = self.degrade(hr, generator)
+        if self.cfg.pair_pool <= 0:
+            return hr, lr
+        pool = self.extras.setdefault("pair_pool", PairPool(size=self.cfg.pair_pool))
+        return pool.mix(hr, lr, generator)
 
     def check_crop(self, minimum: int) -> None:
         multiple = self.model.autoencoder.factor * self.model.config.scale
@@ -215,16 +237,14 @@ class GRMTask(Task):
         self.model.grm.eval()
         try:
             config, report = calibrate(self.model, self.extras["val_images"], shares=self.cfg.group_shares,
-                                       degradation=DegradationConfig(kind=self.cfg.degradation,
-                                                                     scale=self.model.config.scale))
+                                       degradation=self.degradation())
         finally:
             self.model.grm.train()
         self.extras["calibration"] = report
         return config
 
     def step(self, module, batch, optimizer, generator):
-        hr = batch[0].to(self.device)
-        lr = self.degrade(hr, generator)
+        hr, lr = self.pairs(batch[0].to(self.device), generator)
         g = self.model.config.grm
         return grm_step(module, self.model.autoencoder, lr, hr, optimizer, scale=self.model.config.scale,
                         lam=g.loss_lambda, eta=g.loss_eta, max_grad_norm=self.cfg.max_grad_norm)
@@ -269,8 +289,7 @@ class PatchDiTTask(Task):
         return _freeze_all_but(self.model, denoiser)
 
     def step(self, module, batch, optimizer, generator):
-        hr = batch[0].to(self.device)
-        lr = self.degrade(hr, generator)
+        hr, lr = self.pairs(batch[0].to(self.device), generator)
         cfg = self.model.config
         return patchdit_step(
             module, grm=self.model.grm, classifier=self.model.classifier, autoencoder=self.model.autoencoder,
