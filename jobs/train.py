@@ -77,6 +77,8 @@ def add_arguments(p: argparse.ArgumentParser, task: str) -> None:
                    help="auto: use GPUs when the Ray cluster has them")
     p.add_argument("--cpus-per-worker", type=int, default=1, help="CPUs (and torch threads) per worker")
     p.add_argument("--loader-workers", type=int, default=0, help="DataLoader processes per worker")
+    p.add_argument("--loader-prefetch", type=int, default=4,
+                   help="batches each DataLoader process reads ahead (with --loader-workers > 0)")
     p.add_argument("--storage", default=None, help="Ray Train storage path (default OUT/ray)")
     p.add_argument("--address", default=None,
                    help="Ray cluster to run on, e.g. HEAD:6379 (default: a private local Ray instance)")

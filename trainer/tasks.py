@@ -73,6 +73,7 @@ class TrainConfig:
     use_gpu: bool | None = None  # None: use GPUs when the Ray cluster has them
     cpus_per_worker: int = 1
     loader_workers: int = 0  # DataLoader processes per Ray worker
+    loader_prefetch: int = 4  # batches each DataLoader process reads ahead
     storage: str | None = None  # Ray Train storage path; default OUT/ray
     address: str | None = None  # Ray cluster address; default: a local Ray
 
@@ -143,7 +144,8 @@ class Task:
         dataset = RandomCrops(files=files, weights=weights, crop=self.cfg.crop,
                               crops_per_image=self.cfg.crops_per_image, color_augment=self.cfg.color_augment,
                               seed=_stream_seed(self.cfg.seed, rank, start_step))
-        return CropBatches(dataset, batch_size=self.cfg.batch_size, num_workers=self.cfg.loader_workers)
+        return CropBatches(dataset, batch_size=self.cfg.batch_size, num_workers=self.cfg.loader_workers,
+                           prefetch_factor=self.cfg.loader_prefetch, pin_memory=self.device.type == "cuda")
 
     def step(self, module: nn.Module, batch: tuple[torch.Tensor, torch.Tensor],
              optimizer: torch.optim.Optimizer, generator: torch.Generator) -> dict[str, float]:
@@ -265,7 +267,8 @@ class ClassifierTask(Task):
         dataset = RandomCrops(files=[p for p, _ in samples], labels=[lab for _, lab in samples],
                               crop=self.cfg.crop, crops_per_image=self.cfg.crops_per_image,
                               seed=_stream_seed(self.cfg.seed, rank, start_step))
-        return CropBatches(dataset, batch_size=self.cfg.batch_size, num_workers=self.cfg.loader_workers)
+        return CropBatches(dataset, batch_size=self.cfg.batch_size, num_workers=self.cfg.loader_workers,
+                           prefetch_factor=self.cfg.loader_prefetch, pin_memory=self.device.type == "cuda")
 
     def step(self, module, batch, optimizer, generator):
         images, labels = batch[0].to(self.device), batch[1].to(self.device)
