@@ -117,6 +117,16 @@ def check_args(args: argparse.Namespace, task: str) -> None:
     for name in ("steps", "batch_size", "crop", "crops_per_image", "num_workers", "cpus_per_worker"):
         check_positive("--" + name.replace("_", "-"), getattr(args, name, None))
     check_positive("--lr", args.lr)
+    check_positive("--loader-prefetch", args.loader_prefetch)
+    if hasattr(args, "clean_share"):
+        from jobs.checks import UsageError
+        from patchscaler.training.degradations import DegradationConfig
+
+        try:
+            DegradationConfig(clean_share=args.clean_share, mild_share=args.mild_share)
+        except ValueError as exc:
+            raise UsageError(f"--clean-share/--mild-share: {exc}") from None
+        check_positive("--pair-pool", args.pair_pool, allow_zero=True)
     check_checkpoint(args.init, options, what="--init")
     for data in args.data:
         check_exists(data, options, what="--data")

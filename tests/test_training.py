@@ -350,6 +350,25 @@ def test_resume_restores_step_and_optimizer_state(
     assert scale != PRESETS["tiny"].autoencoder.scaling_factor  # calibrated to 1 / std(latents)
 
 
+def test_grm_task_trains_on_the_pair_pool_and_bad_shares_are_refused(
+    tmp_path: Path, init_checkpoint: str, hr_folder: str
+) -> None:
+    from jobs.cli import main
+    from trainer.loop import build_worker_state
+
+    cfg = _config("grm", init_checkpoint, tmp_path / "out", hr_folder, pair_pool=4, clean_share=0.5,
+                  mild_share=0.25)
+    run = build_worker_state(cfg, source=None, device=torch.device("cpu"), rank=0)
+    assert run.task.degradation().clean_share == 0.5 and run.task.degradation().mild_share == 0.25
+    for _ in range(3):
+        metrics = run.task.step(run.module, next(run.batches), run.optimizer, run.generator)
+        assert math.isfinite(metrics["loss"])
+    assert len(run.task.extras["pair_pool"]) == 4
+    code = main(["train-grm", "--init", init_checkpoint, "--out", str(tmp_path / "bad"), "--data", hr_folder,
+                 "--clean-share", "0.8", "--mild-share", "0.5"])
+    assert code == 2  # refused before Ray starts
+
+
 def test_two_worker_ray_train_run_and_rerun_resumes(
     ray_session, tmp_path: Path, init_checkpoint: str, hr_folder: str
 ) -> None:

@@ -186,8 +186,7 @@ class CropBatches:
     def __init__(self, dataset: RandomCrops, *, batch_size: int, num_workers: int = 0,
                  prefetch_factor: int = 4, pin_memory: bool = False) -> None:
         # num_workers > 0: that many processes read and decode ahead, each up to ``prefetch_factor``
-        # batches; pinned host memory lets the copy to the GPU overlap the step (``.to(device,
-        # non_blocking=True)``)
+        # batches; pinned (page-locked) host memory makes the copy to a GPU faster
         extra = {"prefetch_factor": prefetch_factor} if num_workers > 0 else {}
         self.loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
                                  persistent_workers=num_workers > 0, pin_memory=pin_memory, **extra)
