@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -62,3 +63,28 @@ def test_prepare_data_cuts_lists_and_feeds_the_loader(
                           num_workers=2, prefetch_factor=2)
     images, _ = next(batches)
     assert images.shape == (4, 3, 32, 32)
+
+
+def test_prepare_data_from_and_to_s3(ray_session, tmp_path: Path) -> None:
+    """Endpoint and credentials reach the cutting workers through ``storage_options`` (the Ray workers
+    started before the server existed); the trainers' listing reads the manifest on S3."""
+    import boto3
+    from s3util import moto_s3
+
+    from pipeline.io import storage_options
+    from trainer.prepare import PrepareConfig, prepare_data, read_manifest
+
+    buf = io.BytesIO()
+    Image.fromarray((np.random.default_rng(1).random((50, 60, 3)) * 255).astype(np.uint8)).save(buf, "PNG")
+    with moto_s3("prep-bucket") as endpoint:
+        s3 = boto3.client("s3", endpoint_url=endpoint)
+        s3.put_object(Bucket="prep-bucket", Key="hr/x/one.png", Body=buf.getvalue())
+        options = storage_options(endpoint)
+        summary = prepare_data(PrepareConfig(input="s3://prep-bucket/hr", out="s3://prep-bucket/sub", size=32,
+                                             step=32, tasks=1, progress=False, storage_options=options))
+        assert (summary.ok, summary.failed, summary.sub_images) == (1, 0, 4)  # windows at 0 and 28 / 18
+        keys = {o["Key"] for o in s3.list_objects_v2(Bucket="prep-bucket", Prefix="sub/")["Contents"]}
+        assert keys == {"sub/manifest.parquet", *(f"sub/x/one_s00{i}.png" for i in range(1, 5))}
+        listed = read_manifest("s3://prep-bucket/sub", options)
+        assert listed == [f"s3://prep-bucket/sub/x/one_s00{i}.png" for i in range(1, 5)]
+        assert list_images("s3://prep-bucket/sub") == listed

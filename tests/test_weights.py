@@ -131,14 +131,17 @@ def test_pretrained_autoencoder_in_both_key_layouts(vae_folders: dict[str, Path]
 
 
 def test_pretrained_autoencoder_errors(tmp_path: Path, vae_folders: dict[str, Path]) -> None:
-    from patchscaler.weights import load_pretrained_autoencoder
+    from patchscaler.weights import load_pretrained_autoencoder, with_autoencoder
 
     with pytest.raises(FileNotFoundError, match=r"config\.json"):
         load_pretrained_autoencoder(str(tmp_path), PRESETS["tiny"].autoencoder)
-    model_ckpt = tmp_path / "ckpt"
-    save_checkpoint(PatchScalerModel(config=PRESETS["small"]), str(model_ckpt))  # 4 latent channels
-    with pytest.raises(ValueError, match="8 latent channels, the model 4"):
-        load_checkpoint(str(model_ckpt), autoencoder=str(vae_folders["new"]))
+    _, ae_config = load_pretrained_autoencoder(str(vae_folders["new"]), PRESETS["small"].autoencoder)
+    with pytest.raises(ValueError, match="8 latent channels, the model 4"):  # small: SD-VAE's 4 channels
+        with_autoencoder(PRESETS["small"], ae_config, source="x")
+    # a checkpoint loaded with a separate autoencoder folder takes its config (upscale --autoencoder)
+    save_checkpoint(make_tiny_model(seed=2), str(tmp_path / "ckpt"))
+    model = load_checkpoint(str(tmp_path / "ckpt"), autoencoder=str(vae_folders["new"]))
+    assert model.config.autoencoder.scaling_factor == 0.5 and model.config.autoencoder.kind == "kl"
 
 
 def test_init_weights_writes_the_pretrained_autoencoder(tmp_path: Path, vae_folders: dict[str, Path]) -> None:

@@ -64,8 +64,8 @@ def sub_image_uri(output: str, index: int) -> str:
 
 
 class CutStage:
-    """Ray Data stage: (source, output) rows -> one row per written sub-image, or one error row per input
-    that could not be read, decoded or written."""
+    """Ray Data stage (a task pool; nothing heavy to set up): (source, output) rows -> one row per
+    written sub-image, or one error row per input that could not be read, decoded or written."""
 
     def __init__(self, *, size: int, step: int, thresh_size: int, compression: int, out: str,
                  storage_options: dict[str, Any]) -> None:
@@ -144,13 +144,10 @@ def prepare_data(cfg: PrepareConfig) -> PrepareSummary:
     outputs = plan_outputs(files, cfg.input, cfg.out, "png")
     rows = [{"source": f, "output": outputs[f]} for f in files]
     ds = ray.data.from_items(rows, override_num_blocks=min(len(rows), 16 * cfg.tasks))
-    ds = ds.map_batches(
-        CutStage, batch_size=1, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=cfg.tasks),
-        num_cpus=cfg.cpus_per_task,
-        fn_constructor_kwargs={"size": cfg.size, "step": cfg.step, "thresh_size": cfg.thresh_size,
-                               "compression": cfg.compression, "out": cfg.out,
-                               "storage_options": cfg.storage_options},
-    )
+    stage = CutStage(size=cfg.size, step=cfg.step, thresh_size=cfg.thresh_size, compression=cfg.compression,
+                     out=cfg.out, storage_options=cfg.storage_options)
+    ds = ds.map_batches(stage, batch_size=1, batch_format="numpy", num_cpus=cfg.cpus_per_task,
+                        compute=ray.data.TaskPoolStrategy(size=cfg.tasks))
     progress = Progress(len(files), enabled=cfg.progress)
     done_sources: set[str] = set()
     failed: dict[str, str] = {}
