@@ -29,6 +29,10 @@ of *batch*); the classifier reads DIR as a DTD-layout folder if it is one, else 
 labels. Weights: a random init of ``--preset`` (time does not depend on the values) or ``--weights DIR``.
 RTM: ``--rtm DIR``, else ``--rtm-entries`` random latent values with their classifier features as keys,
 written to a temporary artifact that ``PatchDiTTask.setup`` loads as ``train-patchdit`` does.
+``--compare-degradation N``: besides, the Real-ESRGAN degradation of one GRM batch (recipe batch and crop,
+``DegradationConfig()``: Real-ESRGAN's pipeline alone) timed two ways, alternating, N times each: the whole
+batch in one ``degrade`` call (per-image kernels by one grouped convolution, batched noise and JPEG) and
+one ``degrade`` call per image (how ``degrade`` worked before it was batched); medians and their ratio.
 Single process, ``--threads`` torch threads (default 2). The output says which data, weights and RTM were
 used, prints the exact command line and a markdown table; ``--json PATH`` writes the numbers.
 """
@@ -50,6 +54,7 @@ import torch
 
 from patchscaler.model import PatchScalerModel
 from patchscaler.presets import PRESETS
+from patchscaler.training.degradations import DegradationConfig, degrade
 from patchscaler.weights import load_checkpoint, save_rtm
 from trainer.data import DTD_CLASSES, CropBatches, RandomCrops, balanced_files, random_crop
 from trainer.tasks import TASKS, Task, TrainConfig, learning_rate
@@ -204,6 +209,32 @@ def time_trainer(name: str, args: argparse.Namespace, rtm: str | None,
     }
 
 
+def compare_degradation(args: argparse.Namespace, synthetic: list[torch.Tensor] | None,
+                        reps: int) -> dict[str, Any]:
+    """Median seconds of degrading one GRM batch at once vs image by image (alternating, ``reps`` each)."""
+    device = torch.device(args.device)
+    batch, crop = RECIPE["grm"]["batch_size"], RECIPE["grm"]["crop"]
+    g = torch.Generator().manual_seed(args.seed)
+    images = synthetic or [synthetic_texture(SYNTHETIC_SIZE, g) for _ in range(batch)]
+    hr = torch.stack([random_crop(images[i % len(images)], crop, g) for i in range(batch)]).to(device)
+    config = DegradationConfig()
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    times: dict[str, list[float]] = {"batched": [], "per_image": []}
+    for _ in range(reps + 1):  # the first round is a warm-up
+        for how in times:
+            sync(device)
+            start = time.perf_counter()
+            if how == "batched":
+                degrade(hr, config=config, generator=gen)
+            else:
+                torch.cat([degrade(hr[i:i + 1], config=config, generator=gen) for i in range(batch)])
+            sync(device)
+            times[how].append(time.perf_counter() - start)
+    med = {how: statistics.median(t[1:]) for how, t in times.items()}
+    return {"batch_size": batch, "crop": crop, "reps": reps, "batched_s": med["batched"],
+            "per_image_s": med["per_image"], "speedup": med["per_image"] / med["batched"]}
+
+
 def rate(x: float) -> str:
     """Three significant digits, without an exponent up to 99,999."""
     return f"{x:.3g}" if x < 100 else f"{x:.0f}"
@@ -236,6 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=2, help="torch threads")
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--compare-degradation", type=int, default=0, metavar="N",
+                   help="also time the degradation of one GRM batch at once vs image by image, N times each")
     p.add_argument("--json", default=None, metavar="PATH", help="write the numbers here")
     return p
 
@@ -282,6 +315,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(table(trainers))
     print("\nA sample is one HR crop (samples/s = batch x steps/s). Shares of the step: batch = making the "
           "batch, degradation = Task.degrade, model = frozen encoders + forward + backward + optimizer.")
+    for name in ("grm", "patchdit"):
+        if name in trainers:
+            share = trainers[name]["shares"]
+            both = 100 * (share["batch"] + share["degradation"])
+            print(f"{name}: data + degradation = {both:.0f}% of a step "
+                  f"(batch {100 * share['batch']:.0f}%, degradation {100 * share['degradation']:.0f}%)")
+    comparison = None
+    if args.compare_degradation:
+        comparison = compare_degradation(args, synthetic, args.compare_degradation)
+        print(f"degradation of one GRM batch ({comparison['batch_size']} x {comparison['crop']} px, "
+              f"Real-ESRGAN only), median of {comparison['reps']}: batched {comparison['batched_s']:.3f} s, "
+              f"image by image {comparison['per_image_s']:.3f} s ({comparison['speedup']:.2f}x)")
     if "patchdit" in trainers:
         r = trainers["patchdit"]
         print(f"Patch-DiT trains on {r['patches_per_step'] / r['batch_size']:.0f} latent windows per crop: "
@@ -290,7 +335,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               "rtm": rtm if "patchdit" in names else None, "preset": args.preset, "device": args.device,
               "threads": torch.get_num_threads(),
               "warmup": args.warmup, "steps": args.steps, "torch": torch.__version__,
-              "settings": {n: {**COMMON, **RECIPE[n]} for n in names}, "trainers": trainers}
+              "settings": {n: {**COMMON, **RECIPE[n]} for n in names}, "trainers": trainers,
+              "degradation_comparison": comparison}
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=1) + "\n")

@@ -25,6 +25,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "upscale-dataset": (
         "jobs.upscale_dataset", "upscale a folder or s3:// prefix with the Ray Data pipeline"
     ),
+    "prepare-data": (
+        "jobs.prepare_data", "cut an HR image set into sub-images once (BasicSR's practice) for training"
+    ),
     "build-rtm": ("jobs.build_rtm", "build (or extend) a Reference Texture Memory from texture sources"),
     "evaluate": ("jobs.evaluate", "score upscaled images with IQA metrics (pyiqa) and write a report"),
     "benchmark": ("jobs.benchmark", "upscale + score + report evaluation sets, appending to a history"),

@@ -42,6 +42,19 @@ def add_arguments(p: argparse.ArgumentParser, task: str) -> None:
     p.add_argument("--max-grad-norm", type=float, default=d["max_grad_norm"])
     if task in ("grm", "patchdit"):
         p.add_argument("--degradation", choices=["realesrgan", "bicubic"], default=d["degradation"])
+        p.add_argument("--clean-share", type=float, default=d["clean_share"],
+                       help="share of pairs degraded by bicubic down-sampling only")
+        p.add_argument("--mild-share", type=float, default=d["mild_share"],
+                       help="share of pairs degraded mildly (light blur, noise and JPEG 70-95); the rest get "
+                            "Real-ESRGAN's second-order degradation")
+        p.add_argument("--pair-pool", type=int, default=d["pair_pool"],
+                       help="Real-ESRGAN's pool of (HR, LR) pairs on the training device that mixes batches "
+                            "(e.g. 15 x --batch-size; 0: off)")
+    if task in ("grm", "classifier", "patchdit"):
+        p.add_argument("--autoencoder", default=None, metavar="DIR",
+                       help="pretrained diffusers AutoencoderKL folder (local or s3://) that replaces "
+                            "--init's autoencoder, config.json's scaling_factor included (see init-weights "
+                            "--autoencoder, which writes it into the checkpoint once)")
     if task == "grm":
         p.add_argument("--val-data", action="append", default=[],
                        help="validation HR images (never trained on) on which gamma1/gamma2 of PGS are "
@@ -64,6 +77,8 @@ def add_arguments(p: argparse.ArgumentParser, task: str) -> None:
                    help="auto: use GPUs when the Ray cluster has them")
     p.add_argument("--cpus-per-worker", type=int, default=1, help="CPUs (and torch threads) per worker")
     p.add_argument("--loader-workers", type=int, default=0, help="DataLoader processes per worker")
+    p.add_argument("--loader-prefetch", type=int, default=4,
+                   help="batches each DataLoader process reads ahead (with --loader-workers > 0)")
     p.add_argument("--storage", default=None, help="Ray Train storage path (default OUT/ray)")
     p.add_argument("--address", default=None,
                    help="Ray cluster to run on, e.g. HEAD:6379 (default: a private local Ray instance)")
@@ -85,6 +100,10 @@ def config_from_args(args: argparse.Namespace, task: str) -> TrainConfig:
     values = {k: getattr(args, k) for k in fields if hasattr(args, k)}
     if "val_data" in values:
         values["val_data"] = tuple(values["val_data"])
+    if values.get("autoencoder"):  # Ray Train workers run in their own working directory
+        from pipeline.io import normalize_root
+
+        values["autoencoder"] = normalize_root(values["autoencoder"])
     use_gpu = {"auto": None, "yes": True, "no": False}[args.gpu]
     return TrainConfig(task=task, data=tuple(args.data), use_gpu=use_gpu, **values)
 
@@ -98,11 +117,32 @@ def check_args(args: argparse.Namespace, task: str) -> None:
     for name in ("steps", "batch_size", "crop", "crops_per_image", "num_workers", "cpus_per_worker"):
         check_positive("--" + name.replace("_", "-"), getattr(args, name, None))
     check_positive("--lr", args.lr)
+    check_positive("--loader-prefetch", args.loader_prefetch)
+    if hasattr(args, "clean_share"):
+        from jobs.checks import UsageError
+        from patchscaler.training.degradations import DegradationConfig
+
+        try:
+            DegradationConfig(clean_share=args.clean_share, mild_share=args.mild_share)
+        except ValueError as exc:
+            raise UsageError(f"--clean-share/--mild-share: {exc}") from None
+        check_positive("--pair-pool", args.pair_pool, allow_zero=True)
     check_checkpoint(args.init, options, what="--init")
     for data in args.data:
         check_exists(data, options, what="--data")
     if task == "patchdit":
         check_rtm(args.rtm, options)
+    if getattr(args, "autoencoder", None):
+        check_exists(args.autoencoder, options, what="--autoencoder")
+    if task == "autoencoder":
+        from patchscaler.weights import load_config
+
+        pretrained = load_config(args.init).autoencoder.pretrained
+        if pretrained:
+            from jobs.checks import UsageError
+
+            raise UsageError(f"--init {args.init} holds a pretrained autoencoder ({pretrained}); "
+                             "train-autoencoder would overwrite it: skip this stage, start at train-grm")
     check_output(args.out, options, what="--out")
 
 

@@ -27,6 +27,8 @@ class AutoencoderConfig:
     # Tiling (diffusers' own tiled encode/decode), used above ``tile_sample_size`` pixels.
     tile_sample_size: int = 512
     tile_overlap: float = 0.25
+    # where pretrained weights came from (``init-weights --autoencoder DIR``), "" when trained here
+    pretrained: str = ""
 
     @property
     def downsample_factor(self) -> int:

@@ -14,13 +14,16 @@ Nothing is downloaded: paths are local or object-store URLs (fsspec/s3fs), and a
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
+import tempfile
 from typing import Any
 
 import fsspec
 import torch
+from diffusers import AutoencoderKL
 from fsspec.implementations.local import LocalFileSystem
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
@@ -106,15 +109,77 @@ def check_state_dict(
         raise ValueError("\n".join(lines))
 
 
-def load_autoencoder_weights(path: str, config: AutoencoderConfig) -> torch.nn.Module:
-    """SD-VAE-family weights in diffusers' key layout: a ``.safetensors`` file or a diffusers directory
-    (``diffusion_pytorch_model.safetensors`` inside). Returns an ``AutoencoderKL``."""
-    file = path if path.endswith(".safetensors") else _join(path, "diffusion_pytorch_model.safetensors")
-    state = load_safetensors_bytes(_read_bytes(file, "autoencoder weights"))
+# diffusers' AutoencoderKL config fields that change the computation without changing any tensor's name or
+# shape; ``LatentAutoencoder`` implements the SD-VAE values only (no shift, no per-channel latent stats).
+_KL_FIXED: dict[str, Any] = {"shift_factor": None, "latents_mean": None, "latents_std": None,
+                             "in_channels": 3, "out_channels": 3, "act_fn": "silu"}
+
+
+def _local_copy(path: str, tmp: str) -> str:
+    """A local folder holding the autoencoder folder's ``config.json`` and weights (object stores: copied
+    into ``tmp``; diffusers' ``from_pretrained`` reads local folders only)."""
+    fs, fs_path = fsspec.core.url_to_fs(path)
+    if isinstance(fs, LocalFileSystem):
+        return fs_path
+    for name in (CONFIG_FILE, *AUTOENCODER_WEIGHT_FILES):
+        if fs.exists(_join(fs_path, name)):
+            fs.get(_join(fs_path, name), os.path.join(tmp, name))
+    return tmp
+
+
+AUTOENCODER_WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+
+
+def load_pretrained_autoencoder(
+    path: str, config: AutoencoderConfig
+) -> tuple[AutoencoderKL, AutoencoderConfig]:
+    """A diffusers ``AutoencoderKL`` folder (``config.json`` + ``diffusion_pytorch_model.safetensors`` or
+    ``.bin``; local or ``s3://``) through diffusers' own loader, which also renames the older attention
+    keys (``query/key/value/proj_attn`` -> ``to_q/to_k/to_v/to_out.0``).
+
+    Returns the autoencoder and the ``AutoencoderConfig`` that describes it: sizes and ``scaling_factor``
+    from the folder's ``config.json``, tiling settings from ``config``, ``pretrained`` = ``path``. The
+    autoencoder is checked to be exactly what ``build_vae`` makes of that config (so the checkpoint it is
+    written into loads strictly)."""
+    fs, fs_path = fsspec.core.url_to_fs(path)
+    if not fs.exists(_join(fs_path, CONFIG_FILE)):
+        raise FileNotFoundError(f"autoencoder folder not found (no {CONFIG_FILE}): {path}")
+    if not any(fs.exists(_join(fs_path, name)) for name in AUTOENCODER_WEIGHT_FILES):
+        raise FileNotFoundError(
+            f"autoencoder weights not found: {path} holds none of {AUTOENCODER_WEIGHT_FILES}")
+    with tempfile.TemporaryDirectory() as tmp:
+        vae = AutoencoderKL.from_pretrained(_local_copy(path, tmp), local_files_only=True)
+    vc = vae.config
+    wrong = {k: vc.get(k) for k, want in _KL_FIXED.items() if vc.get(k, want) != want}
+    n = len(vc.block_out_channels)
+    kinds = (tuple(vc.down_block_types), tuple(vc.up_block_types))
+    if kinds != (("DownEncoderBlock2D",) * n, ("UpDecoderBlock2D",) * n):
+        wrong["block types"] = kinds
+    if wrong:
+        raise ValueError(f"autoencoder {path}: settings this project's LatentAutoencoder does not implement: "
+                         f"{wrong} (expected {_KL_FIXED}, DownEncoderBlock2D / UpDecoderBlock2D)")
+    derived = dataclasses.replace(
+        config, kind="kl", block_out_channels=tuple(vc.block_out_channels),
+        layers_per_block=int(vc.layers_per_block), latent_channels=int(vc.latent_channels),
+        norm_num_groups=int(vc.norm_num_groups), scaling_factor=float(vc.scaling_factor), pretrained=path,
+    )
+    check_state_dict(build_vae(derived).state_dict(), vae.state_dict(), source=path)
+    return vae.eval(), derived
+
+
+def load_autoencoder_weights(
+    path: str, config: AutoencoderConfig
+) -> tuple[torch.nn.Module, AutoencoderConfig]:
+    """Separate autoencoder weights: a diffusers folder (``load_pretrained_autoencoder``: its own config,
+    ``scaling_factor`` included), or one ``.safetensors`` file of SD-VAE weights in diffusers' current key
+    layout, loaded strictly into ``config``'s architecture. Returns (autoencoder, its config)."""
+    if not path.endswith(".safetensors"):
+        return load_pretrained_autoencoder(path, config)
+    state = load_safetensors_bytes(_read_bytes(path, "autoencoder weights"))
     vae = build_vae(config)
-    check_state_dict(vae.state_dict(), state, source=file)
+    check_state_dict(vae.state_dict(), state, source=path)
     vae.load_state_dict(state, strict=True)
-    return vae
+    return vae, config
 
 
 def load_checkpoint(
@@ -122,13 +187,18 @@ def load_checkpoint(
 ) -> PatchScalerModel:
     """Build the model from ``path/config.json`` and load ``path/model.safetensors`` strictly.
 
-    ``autoencoder``: optional separate SD-VAE weights (file or diffusers dir); they take the place of
-    the checkpoint's own ``autoencoder.*`` tensors, which are then neither required nor loaded.
+    ``autoencoder``: optional separate autoencoder weights (a diffusers folder or a ``.safetensors``
+    file); they take the place of the checkpoint's own ``autoencoder.*`` tensors, which are then neither
+    required nor loaded, and a folder's ``config.json`` sets the model's autoencoder config (its
+    ``scaling_factor`` included).
     """
     config = load_config(path)
     blob = _read_bytes(_join(path, WEIGHTS_FILE), "checkpoint weights (model.safetensors)")
     state = load_safetensors_bytes(blob)
-    vae = load_autoencoder_weights(autoencoder, config.autoencoder) if autoencoder else None
+    vae = None
+    if autoencoder:
+        vae, ae_config = load_autoencoder_weights(autoencoder, config.autoencoder)
+        config = with_autoencoder(config, ae_config, source=autoencoder)
     model = PatchScalerModel(config=config, vae=vae)
     ignore = "autoencoder." if autoencoder else ""
     if ignore:
@@ -137,6 +207,17 @@ def load_checkpoint(
     model.load_state_dict(state, strict=not ignore)
     model.version = content_hash(blob)
     return model.to(device).eval()
+
+
+def with_autoencoder(
+    config: PatchScalerConfig, ae_config: AutoencoderConfig, *, source: str
+) -> PatchScalerConfig:
+    """``config`` with ``ae_config`` as its autoencoder; a clear error when the other modules were built for
+    another latent channel count."""
+    if ae_config.latent_channels != config.latent_channels:
+        raise ValueError(f"autoencoder {source} has {ae_config.latent_channels} latent channels, the model "
+                         f"{config.latent_channels} (the paper and small presets take SD-VAE's 4)")
+    return config.replace(autoencoder=ae_config)
 
 
 def save_rtm(path: str, *, keys: torch.Tensor, values: torch.Tensor, manifest: dict[str, Any]) -> str:

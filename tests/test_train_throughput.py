@@ -24,7 +24,8 @@ def test_one_step_of_each_trainer(tmp_path: Path, capsys: pytest.CaptureFixture[
     out = tmp_path / "throughput.json"
     threads = torch.get_num_threads()  # passed on, so the test process keeps its thread count
     with torch.random.fork_rng():
-        returned = main(["--steps", "1", "--warmup", "0", "--threads", str(threads), "--json", str(out)])
+        returned = main(["--steps", "1", "--warmup", "0", "--threads", str(threads), "--json", str(out),
+                         "--compare-degradation", "1"])
     printed = capsys.readouterr().out
     result = json.loads(out.read_text())
     assert result == json.loads(json.dumps(returned))
@@ -47,4 +48,8 @@ def test_one_step_of_each_trainer(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert shares["grm"] > 0 and shares["patchdit"] > 0
     assert shares["autoencoder"] == 0 and shares["classifier"] == 0
     assert result["trainers"]["patchdit"]["patches_per_step"] == 9 * RECIPE["patchdit"]["batch_size"]
+    comparison = result["degradation_comparison"]
+    assert comparison["batch_size"] == RECIPE["grm"]["batch_size"] and comparison["reps"] == 1
+    assert comparison["speedup"] == pytest.approx(comparison["per_image_s"] / comparison["batched_s"])
+    assert "grm: data + degradation = " in printed and "image by image" in printed
     assert printed.startswith("command: ") and "bench/train_throughput.py --steps 1 --warmup 0" in printed

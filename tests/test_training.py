@@ -17,9 +17,12 @@ from PIL import Image
 from patchscaler.presets import PRESETS
 from patchscaler.training.degradations import (
     DegradationConfig,
+    PairPool,
     degrade,
     degrade_image,
+    filter2d,
     mixed_gaussian_kernel,
+    random_blur_kernels,
     sinc_kernel,
 )
 from patchscaler.training.jpeg import jpeg_compress
@@ -84,6 +87,72 @@ def test_blur_kernels_are_normalised_and_oriented() -> None:
     assert float(k[10].sum()) > 3 * float(k[:, 10].sum())  # wide along x, narrow along y
     s = sinc_kernel(13, math.pi / 3)
     assert math.isclose(float(s.sum()), 1.0, rel_tol=1e-5) and float(s.min()) < 0  # ringing lobes
+
+
+def test_batched_degradation_range_is_deterministic_and_typed() -> None:
+    """Clean, mild and heavy pairs in one batch: shapes, dtype, 8-bit values, same seed same result."""
+    hr = _smooth_images(8, 64, seed=3)
+    cfg = DegradationConfig(clean_share=0.3, mild_share=0.3)
+    a = degrade(hr, config=cfg, generator=torch.Generator().manual_seed(4))
+    b = degrade(hr, config=cfg, generator=torch.Generator().manual_seed(4))
+    assert a.shape == (8, 3, 16, 16) and a.dtype == torch.float32
+    assert torch.equal(a, b) and torch.equal(a, (a * 255).round() / 255)
+    assert a.min() >= 0 and a.max() <= 1
+    assert not torch.equal(a, degrade(hr, config=cfg, generator=torch.Generator().manual_seed(5)))
+    with pytest.raises(ValueError, match="sum to at most 1"):
+        DegradationConfig(clean_share=0.7, mild_share=0.5)
+
+
+def test_clean_pairs_equal_bicubic_and_the_shares_mix() -> None:
+    hr = _smooth_images(16, 32, seed=4)
+    bicubic = degrade(hr, config=DegradationConfig(kind="bicubic"), generator=torch.Generator())
+    every = degrade(hr, config=DegradationConfig(clean_share=1.0), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(every, bicubic)
+    mixed = degrade(hr, config=DegradationConfig(clean_share=0.5, mild_share=0.25),
+                    generator=torch.Generator().manual_seed(0))
+    clean_rows = [i for i in range(16) if torch.equal(mixed[i], bicubic[i])]
+    assert 2 <= len(clean_rows) <= 14  # about half of the batch is clean, the rest is not
+    # mild pairs stay much closer to bicubic than Real-ESRGAN's heavy ones
+    mild = degrade(hr, config=DegradationConfig(mild_share=1.0), generator=torch.Generator().manual_seed(1))
+    heavy = degrade(hr, config=DegradationConfig(), generator=torch.Generator().manual_seed(1))
+    assert float((mild - bicubic).abs().mean()) < float((heavy - bicubic).abs().mean())
+
+
+def test_per_sample_kernels_differ_and_grouped_filtering_matches_one_by_one() -> None:
+    g = torch.Generator().manual_seed(0)
+    kernels = random_blur_kernels(g, DegradationConfig(), 6, second=False, device=torch.device("cpu"))
+    assert kernels.shape == (6, 21, 21)
+    torch.testing.assert_close(kernels.sum(dim=(1, 2)), torch.ones(6))
+    assert all(not torch.allclose(kernels[i], kernels[j]) for i in range(6) for j in range(i + 1, 6))
+    images = _smooth_images(6, 32, seed=5)
+    batched = filter2d(images, kernels)
+    for i in range(6):
+        torch.testing.assert_close(batched[i:i + 1], filter2d(images[i:i + 1], kernels[i]))
+
+
+def test_pair_pool_mixes_batches_and_keeps_pairs_together() -> None:
+    pool = PairPool(size=6)
+    g = torch.Generator().manual_seed(0)
+    seen = []
+    for step in range(6):
+        hr = torch.full((2, 3, 8, 8), float(step)) + torch.arange(2.0)[:, None, None, None] / 10
+        lr = hr[:, :, ::4, ::4] * 2  # the pair's LR: recognisably its own
+        out_hr, out_lr = pool.mix(hr, lr, g)
+        assert out_hr.shape == hr.shape and out_lr.shape == lr.shape
+        torch.testing.assert_close(out_lr, out_hr[:, :, ::4, ::4] * 2)
+        seen.append(sorted(out_hr[:, 0, 0, 0].tolist()))
+        if step < 3:
+            assert torch.equal(out_hr, hr)  # the pool fills first
+    assert len(pool) == 6
+    assert any(value < step for step, values in enumerate(seen[3:], start=3) for value in values)
+
+
+def test_batched_jpeg_equals_one_by_one() -> None:
+    images = _smooth_images(3, 40, seed=6)
+    quality = torch.tensor([30.0, 60.0, 95.0])
+    batched = jpeg_compress(images, quality)
+    for i in range(3):
+        assert torch.equal(batched[i:i + 1], jpeg_compress(images[i:i + 1], float(quality[i])))
 
 
 def test_jpeg_matches_pillow() -> None:
@@ -279,6 +348,25 @@ def test_resume_restores_step_and_optimizer_state(
     assert (tmp_path / "out" / "loss_curve.png").stat().st_size > 1000
     scale = json.loads((tmp_path / "out" / "config.json").read_text())["autoencoder"]["scaling_factor"]
     assert scale != PRESETS["tiny"].autoencoder.scaling_factor  # calibrated to 1 / std(latents)
+
+
+def test_grm_task_trains_on_the_pair_pool_and_bad_shares_are_refused(
+    tmp_path: Path, init_checkpoint: str, hr_folder: str
+) -> None:
+    from jobs.cli import main
+    from trainer.loop import build_worker_state
+
+    cfg = _config("grm", init_checkpoint, tmp_path / "out", hr_folder, pair_pool=4, clean_share=0.5,
+                  mild_share=0.25)
+    run = build_worker_state(cfg, source=None, device=torch.device("cpu"), rank=0)
+    assert run.task.degradation().clean_share == 0.5 and run.task.degradation().mild_share == 0.25
+    for _ in range(3):
+        metrics = run.task.step(run.module, next(run.batches), run.optimizer, run.generator)
+        assert math.isfinite(metrics["loss"])
+    assert len(run.task.extras["pair_pool"]) == 4
+    code = main(["train-grm", "--init", init_checkpoint, "--out", str(tmp_path / "bad"), "--data", hr_folder,
+                 "--clean-share", "0.8", "--mild-share", "0.5"])
+    assert code == 2  # refused before Ray starts
 
 
 def test_two_worker_ray_train_run_and_rerun_resumes(

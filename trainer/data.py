@@ -44,10 +44,16 @@ def _url(fs: fsspec.AbstractFileSystem, path: str) -> str:
 
 
 def list_images(source: str) -> list[str]:
-    """Every image file under ``source`` (a folder or ``s3://`` prefix, searched recursively), sorted."""
+    """Every image file under ``source`` (a folder or ``s3://`` prefix, searched recursively), sorted; for
+    the output of ``prepare-data`` (a folder with ``manifest.parquet``), the sub-images its manifest lists,
+    without walking the folder."""
+    from trainer.prepare import MANIFEST_FILE, read_manifest
+
     fs, root = fsspec.core.url_to_fs(source)
     if not fs.exists(root):
         raise FileNotFoundError(f"training data not found: {source}")
+    if fs.isdir(root) and fs.exists(root.rstrip("/") + "/" + MANIFEST_FILE):
+        return sorted(read_manifest(source.rstrip("/")))
     if fs.isfile(root):
         return [_url(fs, root)] if _is_image(root) else []
     return sorted(_url(fs, p) for p in fs.find(root) if _is_image(p))
@@ -177,9 +183,13 @@ class CropBatches:
 
     Iterating yields (images (B, 3, c, c), labels (B,))."""
 
-    def __init__(self, dataset: RandomCrops, *, batch_size: int, num_workers: int = 0) -> None:
+    def __init__(self, dataset: RandomCrops, *, batch_size: int, num_workers: int = 0,
+                 prefetch_factor: int = 4, pin_memory: bool = False) -> None:
+        # num_workers > 0: that many processes read and decode ahead, each up to ``prefetch_factor``
+        # batches; pinned (page-locked) host memory makes the copy to a GPU faster
+        extra = {"prefetch_factor": prefetch_factor} if num_workers > 0 else {}
         self.loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
-                                 persistent_workers=num_workers > 0)
+                                 persistent_workers=num_workers > 0, pin_memory=pin_memory, **extra)
         self._counts: dict[int, tuple[int, int]] = {}
         self._iter = iter(self.loader)
 

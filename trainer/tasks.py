@@ -19,7 +19,7 @@ from torch import nn
 
 from patchscaler.config import PatchScalerConfig
 from patchscaler.model import PatchScalerModel
-from patchscaler.training.degradations import DegradationConfig, degrade
+from patchscaler.training.degradations import DegradationConfig, PairPool, degrade
 from patchscaler.training.steps import (
     AutoencoderForTraining,
     TextureDenoiser,
@@ -52,10 +52,17 @@ class TrainConfig:
     checkpoint_every: int = 1000
     max_grad_norm: float | None = 1.0
     degradation: str = "realesrgan"  # or "bicubic"
+    # grm / patchdit: shares of clean (bicubic-only) and mild pairs beside Real-ESRGAN's (DegradationConfig)
+    clean_share: float = 0.1
+    mild_share: float = 0.2
+    pair_pool: int = 0  # grm / patchdit: Real-ESRGAN's pool of training pairs (pairs kept; 0: off)
     kl_weight: float = 1e-6  # autoencoder (AutoencoderKL only)
     recon_loss: str = "l1"  # autoencoder: "l1" (LDM), "mse" or "mse+fft" (patchscaler/training/losses.py)
     calibrate_scale: bool = True  # autoencoder: write scaling_factor = 1 / std(latents)
     rtm: str | None = None  # patchdit: RTM artifact dir
+    # grm / classifier / patchdit: a pretrained diffusers AutoencoderKL folder that replaces --init's
+    # autoencoder (weights and config, scaling_factor included); written into every checkpoint
+    autoencoder: str | None = None
     # patchdit: "uniform" t ~ U{1..T} (Eq. 9) or "sampler": only the times PGS evaluates the network at
     t_sampling: str = "uniform"
     # grm: validation HR images (never trained on) on which gamma1/gamma2 are calibrated at every
@@ -66,6 +73,7 @@ class TrainConfig:
     use_gpu: bool | None = None  # None: use GPUs when the Ray cluster has them
     cpus_per_worker: int = 1
     loader_workers: int = 0  # DataLoader processes per Ray worker
+    loader_prefetch: int = 4  # batches each DataLoader process reads ahead
     storage: str | None = None  # Ray Train storage path; default OUT/ray
     address: str | None = None  # Ray cluster address; default: a local Ray
 
@@ -114,6 +122,20 @@ class Task:
     device: torch.device
     extras: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        if self.cfg.autoencoder:
+            self.use_autoencoder(self.cfg.autoencoder)
+
+    def use_autoencoder(self, source: str) -> None:
+        """Put the pretrained autoencoder at ``source`` (``weights.load_pretrained_autoencoder``) in place
+        of the model's own, frozen; the model's config (what checkpoints record) follows it."""
+        from patchscaler.autoencoder import LatentAutoencoder
+        from patchscaler.weights import load_pretrained_autoencoder, with_autoencoder
+
+        vae, ae_config = load_pretrained_autoencoder(source, self.model.config.autoencoder)
+        self.model.config = with_autoencoder(self.model.config, ae_config, source=source)
+        self.model.autoencoder = LatentAutoencoder(config=ae_config, vae=vae).to(self.device)
+
     def setup(self) -> nn.Module:
         raise TypeError(f"{type(self).__name__} must define setup()")
 
@@ -122,7 +144,8 @@ class Task:
         dataset = RandomCrops(files=files, weights=weights, crop=self.cfg.crop,
                               crops_per_image=self.cfg.crops_per_image, color_augment=self.cfg.color_augment,
                               seed=_stream_seed(self.cfg.seed, rank, start_step))
-        return CropBatches(dataset, batch_size=self.cfg.batch_size, num_workers=self.cfg.loader_workers)
+        return CropBatches(dataset, batch_size=self.cfg.batch_size, num_workers=self.cfg.loader_workers,
+                           prefetch_factor=self.cfg.loader_prefetch, pin_memory=self.device.type == "cuda")
 
     def step(self, module: nn.Module, batch: tuple[torch.Tensor, torch.Tensor],
              optimizer: torch.optim.Optimizer, generator: torch.Generator) -> dict[str, float]:
@@ -132,9 +155,27 @@ class Task:
         """The config written next to the weights (the autoencoder task calibrates the latent scale)."""
         return self.model.config
 
+    def degradation(self) -> DegradationConfig:
+        return DegradationConfig(kind=self.cfg.degradation, scale=self.model.config.scale,
+                                 clean_share=self.cfg.clean_share, mild_share=self.cfg.mild_share)
+
     def degrade(self, hr: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        deg = DegradationConfig(kind=self.cfg.degradation, scale=self.model.config.scale)
-        return degrade(hr, config=deg, generator=generator)
+        """LR images of ``hr`` (B, 3, H, W) on the training device. Off the CPU, the randomness comes from
+        a generator on that device, seeded once from ``generator`` (so noise is drawn where it is used)."""
+        if hr.device.type != generator.device.type:
+            if "degrade_generator" not in self.extras:
+                seed = int(torch.randint(2**62, (), generator=generator))
+                self.extras["degrade_generator"] = torch.Generator(device=hr.device).manual_seed(seed)
+            generator = self.extras["degrade_generator"]
+        return degrade(hr, config=self.degradation(), generator=generator)
+
+    def pairs(self, hr: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """(HR, LR) training pairs of a batch of HR crops: degraded, then mixed through the pair pool."""
+        lr = self.degrade(hr, generator)
+        if self.cfg.pair_pool <= 0:
+            return hr, lr
+        pool = self.extras.setdefault("pair_pool", PairPool(size=self.cfg.pair_pool))
+        return pool.mix(hr, lr, generator)
 
     def check_crop(self, minimum: int) -> None:
         multiple = self.model.autoencoder.factor * self.model.config.scale
@@ -148,6 +189,10 @@ def _stream_seed(seed: int, rank: int, start_step: int) -> int:
 
 class AutoencoderTask(Task):
     def setup(self) -> nn.Module:
+        if self.model.config.autoencoder.pretrained:
+            raise ValueError(f"the autoencoder of {self.cfg.init} is pretrained "
+                             f"({self.model.config.autoencoder.pretrained}): skip train-autoencoder and "
+                             "start at train-grm")
         self.check_crop(self.model.autoencoder.factor)
         ae = self.model.autoencoder
         return _freeze_all_but(self.model, AutoencoderForTraining(vae=ae.vae, config=ae.config))
@@ -194,16 +239,14 @@ class GRMTask(Task):
         self.model.grm.eval()
         try:
             config, report = calibrate(self.model, self.extras["val_images"], shares=self.cfg.group_shares,
-                                       degradation=DegradationConfig(kind=self.cfg.degradation,
-                                                                     scale=self.model.config.scale))
+                                       degradation=self.degradation())
         finally:
             self.model.grm.train()
         self.extras["calibration"] = report
         return config
 
     def step(self, module, batch, optimizer, generator):
-        hr = batch[0].to(self.device)
-        lr = self.degrade(hr, generator)
+        hr, lr = self.pairs(batch[0].to(self.device), generator)
         g = self.model.config.grm
         return grm_step(module, self.model.autoencoder, lr, hr, optimizer, scale=self.model.config.scale,
                         lam=g.loss_lambda, eta=g.loss_eta, max_grad_norm=self.cfg.max_grad_norm)
@@ -224,7 +267,8 @@ class ClassifierTask(Task):
         dataset = RandomCrops(files=[p for p, _ in samples], labels=[lab for _, lab in samples],
                               crop=self.cfg.crop, crops_per_image=self.cfg.crops_per_image,
                               seed=_stream_seed(self.cfg.seed, rank, start_step))
-        return CropBatches(dataset, batch_size=self.cfg.batch_size, num_workers=self.cfg.loader_workers)
+        return CropBatches(dataset, batch_size=self.cfg.batch_size, num_workers=self.cfg.loader_workers,
+                           prefetch_factor=self.cfg.loader_prefetch, pin_memory=self.device.type == "cuda")
 
     def step(self, module, batch, optimizer, generator):
         images, labels = batch[0].to(self.device), batch[1].to(self.device)
@@ -248,8 +292,7 @@ class PatchDiTTask(Task):
         return _freeze_all_but(self.model, denoiser)
 
     def step(self, module, batch, optimizer, generator):
-        hr = batch[0].to(self.device)
-        lr = self.degrade(hr, generator)
+        hr, lr = self.pairs(batch[0].to(self.device), generator)
         cfg = self.model.config
         return patchdit_step(
             module, grm=self.model.grm, classifier=self.model.classifier, autoencoder=self.model.autoencoder,

@@ -1,8 +1,9 @@
 """JPEG compression in torch (baseline JPEG: YCbCr, 4:2:0 chroma, 8x8 DCT, quality-scaled tables).
 
 Real-ESRGAN compresses with DiffJPEG, a torch re-implementation of the JPEG codec; this one follows the
-same steps with hard rounding (the degradation pipeline needs no gradient through it). It runs on any
-device and is deterministic: the same image and quality give the same result everywhere.
+same steps with hard rounding (the degradation pipeline needs no gradient through it). A whole batch is
+coded at once, each image at its own quality. It runs on any device and is deterministic: the same image
+and quality give the same result everywhere.
 """
 
 from __future__ import annotations
@@ -36,14 +37,15 @@ def _dct_matrix(device: torch.device) -> torch.Tensor:
     return d * 0.5
 
 
-def quality_tables(quality: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """libjpeg's quality scaling of the standard tables: (Y table, C table), each (8, 8), >= 1."""
-    q = min(max(float(quality), 1.0), 100.0)
-    factor = 5000.0 / q if q < 50 else 200.0 - 2.0 * q
+def quality_tables(quality: torch.Tensor | float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """libjpeg's quality scaling of the standard tables: (Y tables, C tables), each (..., 8, 8), >= 1, for a
+    quality (8, 8) or a (B,) tensor of qualities (B, 8, 8)."""
+    q = torch.as_tensor(quality, dtype=torch.float32, device=device).clamp(1.0, 100.0)
+    factor = torch.where(q < 50, 5000.0 / q, 200.0 - 2.0 * q)[..., None, None]  # (..., 1, 1)
     tables = []
     for base in (_Y_TABLE, _C_TABLE):
-        t = torch.tensor(base, dtype=torch.float32, device=device)
-        tables.append(torch.floor((t * factor + 50.0) / 100.0).clamp(min=1.0))
+        t = torch.tensor(base, dtype=torch.float32, device=device)  # (8, 8)
+        tables.append(torch.floor((t * factor + 50.0) / 100.0).clamp(min=1.0))  # (..., 8, 8)
     return tables[0], tables[1]
 
 
@@ -65,39 +67,38 @@ def _ycbcr_to_rgb(x: torch.Tensor) -> torch.Tensor:
 
 
 def _code_plane(plane: torch.Tensor, table: torch.Tensor, dct: torch.Tensor) -> torch.Tensor:
-    """Quantise one plane (B, H, W) (H, W multiples of 8) in the DCT domain and return it decoded."""
+    """Quantise planes (B, H, W) (H, W multiples of 8) in the DCT domain with one table per image
+    (B, 8, 8) and return them decoded."""
     b, h, w = plane.shape
     blocks = plane.reshape(b, h // 8, 8, w // 8, 8).permute(0, 1, 3, 2, 4)  # (B, h/8, w/8, 8, 8)
     coeffs = dct @ (blocks - 128.0) @ dct.T  # (B, h/8, w/8, 8, 8)
+    table = table[:, None, None]  # (B, 1, 1, 8, 8)
     coeffs = torch.round(coeffs / table) * table
     blocks = dct.T @ coeffs @ dct + 128.0  # (B, h/8, w/8, 8, 8)
     return blocks.permute(0, 1, 3, 2, 4).reshape(b, h, w)  # (B, H, W)
 
 
 def jpeg_compress(image: torch.Tensor, quality: torch.Tensor | float) -> torch.Tensor:
-    """Compress and decompress (B, 3, H, W) in [0, 1] at JPEG quality 1..100 (one per image or one for all).
+    """Compress and decompress (B, 3, H, W) in [0, 1] at JPEG quality 1..100 (a (B,) tensor, one per image,
+    or one number for all), the whole batch at once on the image's device.
 
     The image is padded (replicate) to a multiple of 16 as an encoder does, and cropped back."""
     if image.ndim != 4 or image.shape[1] != 3:
         raise ValueError(f"jpeg_compress wants (B, 3, H, W), got {tuple(image.shape)}")
     bsz, _, h, w = image.shape
-    qualities = torch.as_tensor(quality, dtype=torch.float32).flatten().expand(bsz) if torch.is_tensor(
-        quality
-    ) else torch.full((bsz,), float(quality))
+    qualities = torch.as_tensor(quality, dtype=torch.float32, device=image.device).flatten().expand(bsz)
     pad_h, pad_w = (-h) % 16, (-w) % 16
     x = F.pad(image.float() * 255.0, (0, pad_w, 0, pad_h), mode="replicate")  # (B, 3, H16, W16)
     x = _rgb_to_ycbcr(torch.round(x.clamp(0.0, 255.0)))
     dct = _dct_matrix(x.device)
-    out = []
-    for i in range(bsz):
-        y_table, c_table = quality_tables(float(qualities[i]), x.device)
-        y = _code_plane(x[i : i + 1, 0], y_table, dct)  # (1, H16, W16)
-        chroma = F.avg_pool2d(x[i : i + 1, 1:], 2)  # (1, 2, H16/2, W16/2), 4:2:0 subsampling
-        pad_ch, pad_cw = (-chroma.shape[-2]) % 8, (-chroma.shape[-1]) % 8
-        chroma = F.pad(chroma, (0, pad_cw, 0, pad_ch), mode="replicate")  # multiples of 8
-        coded = [_code_plane(chroma[:, c], c_table, dct) for c in range(2)]  # 2 x (1, hc, wc)
-        cbcr = torch.stack(coded, dim=1)[..., : x.shape[-2] // 2, : x.shape[-1] // 2]  # (1, 2, H16/2, W16/2)
-        cbcr = F.interpolate(cbcr, scale_factor=2, mode="bilinear", align_corners=False)  # (1, 2, H16, W16)
-        out.append(torch.cat([y.unsqueeze(1), cbcr], dim=1))  # (1, 3, H16, W16)
-    rgb = _ycbcr_to_rgb(torch.cat(out))[..., :h, :w]  # (B, 3, H, W)
+    y_table, c_table = quality_tables(qualities, x.device)  # (B, 8, 8) each
+    y = _code_plane(x[:, 0], y_table, dct)  # (B, H16, W16)
+    chroma = F.avg_pool2d(x[:, 1:], 2)  # (B, 2, H16/2, W16/2), 4:2:0 subsampling
+    pad_ch, pad_cw = (-chroma.shape[-2]) % 8, (-chroma.shape[-1]) % 8
+    chroma = F.pad(chroma, (0, pad_cw, 0, pad_ch), mode="replicate")  # multiples of 8
+    hc, wc = chroma.shape[-2:]
+    coded = _code_plane(chroma.reshape(bsz * 2, hc, wc), c_table.repeat_interleave(2, 0), dct)  # (2B, hc, wc)
+    cbcr = coded.reshape(bsz, 2, hc, wc)[..., : x.shape[-2] // 2, : x.shape[-1] // 2]  # (B, 2, H16/2, W16/2)
+    cbcr = F.interpolate(cbcr, scale_factor=2, mode="bilinear", align_corners=False)  # (B, 2, H16, W16)
+    rgb = _ycbcr_to_rgb(torch.cat([y.unsqueeze(1), cbcr], dim=1))[..., :h, :w]  # (B, 3, H, W)
     return (torch.round(rgb.clamp(0.0, 255.0)) / 255.0).to(image.dtype)
