@@ -134,6 +134,16 @@ def check_args(args: argparse.Namespace, task: str) -> None:
     check_output(args.out, options, what="--out")
 
 
+def _quiet_raylet_messages() -> None:
+    """Ray's driver prints every raylet error message (e.g. the paragraph on a worker that died) to stdout
+    even without ``log_to_driver``; Ray Train recovers from those failures itself and the progress line
+    says so ("resumed from the checkpoint of step N"). Without ``--verbose`` they are left in Ray's logs.
+    ``ray._private.worker.print_to_stdstream`` has no other caller once worker output is not forwarded."""
+    import ray._private.worker as ray_worker
+
+    ray_worker.print_to_stdstream = lambda data, ignore_prefix: None
+
+
 def run_task(args: argparse.Namespace, task: str) -> int:
     from jobs.runtime import start_ray
     from trainer.loop import run_training
@@ -141,6 +151,8 @@ def run_task(args: argparse.Namespace, task: str) -> int:
     check_args(args, task)
     cfg = config_from_args(args, task)
     start_ray(cfg.address, verbose=cfg.verbose)
+    if not cfg.verbose:
+        _quiet_raylet_messages()
     state = run_training(cfg)
     history = state.get("history") or [[0, float("nan")]]
     print(json.dumps({

@@ -139,6 +139,28 @@ def test_compile_wraps_the_trained_module(
     assert any(not torch.equal(p, before[k]) for k, p in run.ema.params.items())
 
 
+@pytest.mark.parametrize("task", ["grm", "patchdit", "autoencoder"])
+def test_validation_runs_the_inference_path(task: str, hr_folder: str) -> None:
+    from conftest import make_tiny_rtm
+
+    from trainer.validation import Validation, psnr_y, validation_crops
+
+    model = make_tiny_model(seed=0)
+    pairs = validation_crops((hr_folder,), crop=64, count=2, scale=4, degradation="realesrgan")
+    assert [tuple(lr.shape) + tuple(hr.shape) for lr, hr in pairs] == [(3, 16, 16, 3, 64, 64)] * 2
+    again = validation_crops((hr_folder,), crop=64, count=2, scale=4, degradation="realesrgan")
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(pairs, again, strict=True))  # fixed crops
+    check = Validation(task=task, model=model, pairs=pairs, rtm=make_tiny_rtm(model),
+                       device=torch.device("cpu"))
+    values, images = check.run()
+    assert images.shape == (2, 3, 64, 192) and 0 <= float(images.min()) and float(images.max()) <= 1
+    out = images[0, :, :, 64:128]
+    second = images[1, :, :, 64:128]
+    assert values["val/psnr_y"] == pytest.approx((psnr_y(out, pairs[0][1]) + psnr_y(second, pairs[1][1])) / 2)
+    assert 5 < values["val/psnr_y"] < 60
+    assert psnr_y(pairs[0][1], pairs[0][1]) > 100  # identical images
+
+
 def test_progress_line_in_a_log() -> None:
     from trainer.tracking import StepProgress
 
@@ -176,17 +198,18 @@ def test_a_killed_worker_is_replaced_and_the_run_ends_quietly(
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.pop("OMP_WAIT_POLICY", None)
     cmd = [sys.executable, "-m", "jobs.cli", "train-grm", "--init", init_checkpoint, "--out", str(out),
-           "--data", hr_folder, "--val-data", hr_folder, "--steps", "40", "--batch-size", "2", "--crop", "64",
+           "--data", hr_folder, "--val-data", hr_folder, "--steps", "24", "--batch-size", "2", "--crop", "64",
            "--crops-per-image", "2", "--lr", "1e-3", "--log-every", "2", "--checkpoint-every", "4",
-           "--val-every", "20", "--val-images", "1", "--keep-checkpoints", "2", "--num-workers", "2",
+           "--val-every", "12", "--val-images", "1", "--keep-checkpoints", "2", "--num-workers", "2",
            "--ema-decay", "0.99"]
     proc = subprocess.Popen(cmd, cwd=str(REPO), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
     storage = out / "ray" / "train-grm"
+    snapshot = storage / "checkpoint_manager_snapshot.json"  # Ray's record of the committed checkpoints
     killed = None
     deadline = time.monotonic() + 600
     while proc.poll() is None and time.monotonic() < deadline and killed is None:
-        if list(storage.glob("step_*")):
+        if snapshot.exists() and "step_" in snapshot.read_text():
             workers = _train_workers(psutil.Process(proc.pid))
             if workers:
                 killed = workers[-1].pid
@@ -198,17 +221,17 @@ def test_a_killed_worker_is_replaced_and_the_run_ends_quietly(
     assert killed is not None, f"no checkpoint before the run ended: {output}"
 
     state = json.loads((out / "training_log.json").read_text())
-    assert state["step"] == 40 and state["world_size"] == 2
-    assert [h[0] for h in state["history"]] == list(range(2, 41, 2))  # no gap, no duplicate
-    assert len(state["resumes"]) == 1 and state["resumes"][0] % 4 == 0 and 0 < state["resumes"][0] < 40
-    assert [v[0] for v in state["validation"]] == [20, 40]
-    assert sorted(p.name for p in storage.glob("step_*")) == ["step_00000036", "step_00000040"]
+    assert state["step"] == 24 and state["world_size"] == 2
+    assert [h[0] for h in state["history"]] == list(range(2, 25, 2))  # no gap, no duplicate
+    assert len(state["resumes"]) == 1 and state["resumes"][0] % 4 == 0 and 0 < state["resumes"][0] < 24
+    assert [v[0] for v in state["validation"]] == [12, 24]
+    assert sorted(p.name for p in storage.glob("step_*")) == ["step_00000020", "step_00000024"]
     assert list((storage / "tensorboard").glob("events.out.tfevents.*"))
     model = load_checkpoint(str(out))  # the EMA weights, loadable by `upscale`
     from safetensors.torch import load_file
 
-    raw = load_file(storage / "step_00000040" / "trainable.safetensors")
-    ema = load_file(storage / "step_00000040" / "ema.safetensors")
+    raw = load_file(storage / "step_00000024" / "trainable.safetensors")
+    ema = load_file(storage / "step_00000024" / "ema.safetensors")
     exported = model.state_dict()
     assert all(torch.equal(exported[k], v) for k, v in ema.items())
     assert any(not torch.equal(raw[k], v) for k, v in ema.items())
@@ -217,8 +240,8 @@ def test_a_killed_worker_is_replaced_and_the_run_ends_quietly(
     assert not [x for x in lines if ANSI.search(x)], lines
     assert not [x for x in lines if any(w in x.lower() for w in NOISE_WORDS)], lines
     assert any(x.startswith("train-grm: resumed from the checkpoint of step ") for x in lines), lines
-    assert any(x.startswith("train-grm: step 40/40") for x in lines), lines
-    assert json.loads(lines[-1])["step"] == 40
+    assert any(x.startswith("train-grm: step 24/24") for x in lines), lines
+    assert json.loads(lines[-1])["step"] == 24
 
 
 def test_config_round_trips_new_fields() -> None:

@@ -303,7 +303,7 @@ def test_two_worker_ray_train_run_and_rerun_resumes(
 
     out = tmp_path / "grm"
     cfg = _config("grm", init_checkpoint, out, hr_folder, crop=64, num_workers=2, steps=2)
-    state = run_training(cfg)
+    state = run_training(cfg, progress=False)
     assert state["step"] == 2 and state["world_size"] == 2
     assert state["skipped"]["unreadable"] >= 0 and [h[0] for h in state["history"]] == [1, 2]
     trained = load_checkpoint(str(out))
@@ -313,6 +313,7 @@ def test_two_worker_ray_train_run_and_rerun_resumes(
 
     state = run_training(dataclasses.replace(cfg, steps=3, num_workers=1))  # the same command, longer
     assert state["step"] == 3 and [h[0] for h in state["history"]] == [1, 2, 3]
+    assert state["resumes"] == [2]  # from the run's last checkpoint in its storage (OUT/ray)
 
 
 def test_latent_windows_cover_every_patch_position() -> None:

@@ -162,7 +162,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if checkpoint is not None and rank == 0 and step < cfg.steps:
         run.state["resumes"].append(step)
         if board is not None:
-            board.event.remote(f"resumed from the checkpoint of step {step}")
+            board.event.remote(f"resumed from the checkpoint of step {step} (a worker or node failed; "
+                               f"{cfg.max_failures} restarts allowed)")
     tb = TensorBoard(run_storage(cfg) + "/tensorboard", purge_step=step + 1) if rank == 0 else None
     validation = _validation(run, device) if rank == 0 else None
     window: dict[str, list[float]] = {}

@@ -59,8 +59,9 @@ class TrainConfig:
     rtm: str | None = None  # patchdit: RTM artifact dir
     # patchdit: "uniform" t ~ U{1..T} (Eq. 9) or "sampler": only the times PGS evaluates the network at
     t_sampling: str = "uniform"
-    # grm: validation HR images (never trained on) on which gamma1/gamma2 are calibrated at every
-    # checkpoint to give the groups these (simple, medium, hard) shares (trainer/calibrate.py)
+    # validation HR images (never trained on): validated every val_every steps (trainer/validation.py);
+    # grm: gamma1/gamma2 are calibrated on them for the export to give the groups these (simple, medium,
+    # hard) shares (trainer/calibrate.py)
     val_data: tuple[str, ...] = ()
     group_shares: tuple[float, float, float] = (1 / 3, 1 / 3, 1 / 3)
     num_workers: int = 1  # Ray Train workers (one per GPU)

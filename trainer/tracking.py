@@ -139,7 +139,9 @@ def watch(board: Any, total: int, *, task: str, stop: threading.Event, stream: T
     while True:
         done = stop.wait(poll)
         try:
-            latest, events = ray.get(board.read.remote(seen), timeout=10)
+            latest, events = ray.get(board.read.remote(seen), timeout=30)
+        except ray.exceptions.GetTimeoutError:  # a loaded machine: try again
+            continue
         except Exception:  # the board is gone (Ray shutting down): keep what was shown
             break
         for text in events:
