@@ -161,6 +161,32 @@ def test_validation_runs_the_inference_path(task: str, hr_folder: str) -> None:
     assert psnr_y(pairs[0][1], pairs[0][1]) > 100  # identical images
 
 
+def _rank_mean_worker(rank: int, store_file: str, results: str) -> None:
+    import torch.distributed as dist
+
+    from trainer.tracking import rank_mean
+
+    dist.init_process_group("gloo", store=dist.FileStore(store_file, 2), rank=rank, world_size=2)
+    try:
+        means = rank_mean({"loss": 1.0 + 2.0 * rank, "grad_norm": 10.0 * rank}, torch.device("cpu"))
+        Path(results, f"{rank}.json").write_text(json.dumps(means))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_metrics_are_averaged_over_ranks(tmp_path: Path) -> None:
+    import torch.multiprocessing as mp
+
+    from trainer.tracking import rank_mean
+
+    assert rank_mean({"loss": 3.0}, torch.device("cpu")) == {"loss": 3.0}  # one process: unchanged
+    # forked, not spawned: a spawned child imports torch and this module again (minutes on a busy CI box)
+    mp.start_processes(_rank_mean_worker, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2,
+                       join=True, start_method="fork")
+    for rank in (0, 1):
+        assert json.loads((tmp_path / f"{rank}.json").read_text()) == {"grad_norm": 5.0, "loss": 2.0}
+
+
 def test_progress_line_in_a_log() -> None:
     from trainer.tracking import StepProgress
 
