@@ -187,6 +187,35 @@ def test_metrics_are_averaged_over_ranks(tmp_path: Path) -> None:
         assert json.loads((tmp_path / f"{rank}.json").read_text()) == {"grad_norm": 5.0, "loss": 2.0}
 
 
+def test_tensorboard_events_reach_s3(tmp_path: Path) -> None:
+    """On an object-store storage the event files are written locally and uploaded at every sync."""
+    from s3util import moto_s3
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from trainer.tracking import TensorBoard
+
+    with moto_s3("runs"):
+        import fsspec
+
+        tb = TensorBoard("s3://runs/final/ray/train-grm/tensorboard", purge_step=None)
+        tb.scalars(1, {"train/loss": 0.5})
+        tb.images(1, "val/images", torch.rand(2, 3, 8, 24))
+        tb.sync()
+        fs = fsspec.filesystem("s3")
+        names = fs.ls("runs/final/ray/train-grm/tensorboard")
+        assert len(names) == 1 and "events.out.tfevents" in names[0]
+        tb.scalars(2, {"train/loss": 0.25})
+        local = Path(tb.local)
+        tb.close()
+        assert not local.exists()  # the local copy is gone, the bucket has everything
+        fs.invalidate_cache()
+        fs.get(names[0], str(tmp_path / names[0].rsplit("/", 1)[-1]))
+        events = EventAccumulator(str(tmp_path), size_guidance={"images": 0})
+        events.Reload()
+        assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [(1, 0.5), (2, 0.25)]
+        assert events.Tags()["images"] == ["val/images"]
+
+
 def test_progress_line_in_a_log() -> None:
     from trainer.tracking import StepProgress
 
