@@ -186,7 +186,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 values, images = validation.run()
             run.state["validation"].append([step, values["val/psnr_y"]])
             tb.scalars(step, values)
-            tb.images(step, "val/bicubic|output|hr", images)
+            tb.images(step, "val/bicubic_output_hr", images)
         if not (log or save):
             continue
         now = time.perf_counter()
