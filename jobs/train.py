@@ -57,8 +57,8 @@ def add_arguments(p: argparse.ArgumentParser, task: str) -> None:
                             "--autoencoder, which writes it into the checkpoint once)")
     if task == "grm":
         p.add_argument("--val-data", action="append", default=[],
-                       help="validation HR images (never trained on) on which gamma1/gamma2 of PGS are "
-                            "calibrated at every checkpoint (repeatable)")
+                       help="validation HR images (never trained on): validated every --val-every steps, and "
+                            "gamma1/gamma2 of PGS are calibrated on them for the export (repeatable)")
         p.add_argument("--group-shares", type=_shares, default=d["group_shares"],
                        help="target simple,medium,hard shares of the calibration, e.g. 0.34,0.33,0.33")
     if task == "autoencoder":
@@ -72,6 +72,26 @@ def add_arguments(p: argparse.ArgumentParser, task: str) -> None:
         p.add_argument("--rtm", required=True, help="RTM artifact dir or s3:// prefix")
         p.add_argument("--t-sampling", choices=["uniform", "sampler"], default=d["t_sampling"],
                        help="uniform: t ~ U{1..T} (the paper); sampler: only the time steps PGS uses")
+    if task in ("autoencoder", "patchdit"):
+        p.add_argument("--val-data", action="append", default=[],
+                       help="validation HR images (never trained on), validated every --val-every steps "
+                            "(repeatable)")
+    p.add_argument("--val-every", type=int, default=d["val_every"],
+                   help="validate the EMA weights on --val-data crops every N steps (PSNR-Y + images to "
+                        "TensorBoard)")
+    p.add_argument("--val-images", type=int, default=d["val_images"], help="validation crops")
+    p.add_argument("--ema-decay", type=float, default=d["ema_decay"],
+                   help="EMA of the trained weights (exported to --out), with warm-up "
+                        "min(decay, (1+step)/(10+step)); 0: the raw weights")
+    p.add_argument("--keep-checkpoints", type=int, default=d["keep_checkpoints"],
+                   help="keep the last k checkpoints (step_NNNNNNNN) in the run's storage")
+    p.add_argument("--max-failures", type=int, default=d["max_failures"],
+                   help="worker failures to recover from by restarting from the last checkpoint (-1: always)")
+    p.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default=d["precision"],
+                   help="auto: bf16 autocast on CUDA, fp32 on CPU; fp16 uses a gradient scaler")
+    p.add_argument("--compile", action="store_true", help="torch.compile the trained module")
+    p.add_argument("--no-tf32", dest="tf32", action="store_false", help="no TF32 matmuls on CUDA")
+    p.add_argument("--verbose", action="store_true", help="show Ray's own logs")
     p.add_argument("--num-workers", type=int, default=1, help="Ray Train workers (DDP), one GPU each")
     p.add_argument("--gpu", choices=["auto", "yes", "no"], default="auto",
                    help="auto: use GPUs when the Ray cluster has them")
@@ -79,7 +99,8 @@ def add_arguments(p: argparse.ArgumentParser, task: str) -> None:
     p.add_argument("--loader-workers", type=int, default=0, help="DataLoader processes per worker")
     p.add_argument("--loader-prefetch", type=int, default=4,
                    help="batches each DataLoader process reads ahead (with --loader-workers > 0)")
-    p.add_argument("--storage", default=None, help="Ray Train storage path (default OUT/ray)")
+    p.add_argument("--storage", default=None,
+                   help="the run's storage, local or s3:// (default OUT/ray): checkpoints, TensorBoard")
     p.add_argument("--address", default=None,
                    help="Ray cluster to run on, e.g. HEAD:6379 (default: a private local Ray instance)")
 
@@ -114,12 +135,14 @@ def check_args(args: argparse.Namespace, task: str) -> None:
     from pipeline.io import storage_options
 
     options = storage_options()
-    for name in ("steps", "batch_size", "crop", "crops_per_image", "num_workers", "cpus_per_worker"):
+    for name in ("steps", "batch_size", "crop", "crops_per_image", "num_workers", "cpus_per_worker",
+                 "log_every", "checkpoint_every", "keep_checkpoints", "val_images"):
         check_positive("--" + name.replace("_", "-"), getattr(args, name, None))
     check_positive("--lr", args.lr)
     check_positive("--loader-prefetch", args.loader_prefetch)
+    from jobs.checks import UsageError
+
     if hasattr(args, "clean_share"):
-        from jobs.checks import UsageError
         from patchscaler.training.degradations import DegradationConfig
 
         try:
@@ -127,6 +150,10 @@ def check_args(args: argparse.Namespace, task: str) -> None:
         except ValueError as exc:
             raise UsageError(f"--clean-share/--mild-share: {exc}") from None
         check_positive("--pair-pool", args.pair_pool, allow_zero=True)
+    if not 0 <= args.ema_decay < 1:
+        raise UsageError(f"--ema-decay must be in [0, 1), got {args.ema_decay}")
+    for data in getattr(args, "val_data", []):
+        check_exists(data, options, what="--val-data")
     check_checkpoint(args.init, options, what="--init")
     for data in args.data:
         check_exists(data, options, what="--data")
@@ -146,16 +173,30 @@ def check_args(args: argparse.Namespace, task: str) -> None:
     check_output(args.out, options, what="--out")
 
 
+def _quiet_raylet_messages() -> None:
+    """Ray's driver prints every raylet error message (e.g. the paragraph on a worker that died) to stdout
+    even without ``log_to_driver``; Ray Train recovers from those failures itself and the progress line
+    says so ("resumed from the checkpoint of step N"). Without ``--verbose`` they are left in Ray's logs.
+    ``ray._private.worker.print_to_stdstream`` has no other caller once worker output is not forwarded."""
+    import ray._private.worker as ray_worker
+
+    ray_worker.print_to_stdstream = lambda data, ignore_prefix: None
+
+
 def run_task(args: argparse.Namespace, task: str) -> int:
+    from jobs.runtime import start_ray
     from trainer.loop import run_training
 
     check_args(args, task)
     cfg = config_from_args(args, task)
+    start_ray(cfg.address, verbose=cfg.verbose)
+    if not cfg.verbose:
+        _quiet_raylet_messages()
     state = run_training(cfg)
     history = state.get("history") or [[0, float("nan")]]
     print(json.dumps({
         "task": task, "out": cfg.out, "step": state["step"], "loss_first": history[0][1],
         "loss_last": history[-1][1], "seconds": round(state["seconds"], 1), "skipped": state.get("skipped"),
-        "workers": state.get("world_size"),
+        "workers": state.get("world_size"), "resumes": state.get("resumes"),
     }))
     return 0

@@ -3,7 +3,7 @@ the gates of issue #10.
 
     python scripts/demo_card.py --runs runs/demo --data data/demo [--weights ... --rtm ...]
 
-Reads each stage's ``training_state.json`` under ``--runs`` (ae, grm, cls, final), measures the shipped
+Reads each stage's ``training_log.json`` under ``--runs`` (ae, grm, cls, final), measures the shipped
 weights on ``assets/heldout`` with ``trainer.heldout.measure_heldout`` (the test suite repeats that
 measurement and compares it with the JSON block this script writes) and draws
 ``assets/demo/heldout.png`` (LR | bicubic | GRM only | PatchScaler | HR | group map).
@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from patchscaler.weights import load_checkpoint, load_training_state
+from patchscaler.weights import load_checkpoint
+from trainer.checkpoints import read_training_log
 from trainer.heldout import measure_heldout
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,7 +43,7 @@ def _cpu_name() -> str:
 def _stage_rows(runs: Path) -> tuple[list[str], float, dict]:
     rows, total, calibration = [], 0.0, {}
     for folder, command in STAGES:
-        _, state = load_training_state(str(runs / folder))
+        state = read_training_log(str(runs / folder))
         cfg = state.get("config", {})
         hist = state["history"]
         total += state["seconds"]

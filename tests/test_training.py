@@ -322,18 +322,31 @@ def _config(task: str, init: str, out: Path, data: str, **overrides) -> TrainCon
 def test_resume_restores_step_and_optimizer_state(
     tmp_path: Path, init_checkpoint: str, hr_folder: str
 ) -> None:
-    from trainer.loop import build_worker_state, save_state
+    from trainer.checkpoints import EMA_FILE, TRAINABLE_FILE
+    from trainer.loop import build_worker_state, export_final, rng_states, save_checkpoint_dir
 
     cfg = _config("autoencoder", init_checkpoint, tmp_path / "out", hr_folder, steps=3)
-    run = build_worker_state(cfg, source=None, device=torch.device("cpu"), rank=0)
+    cpu = torch.device("cpu")
+    run = build_worker_state(cfg, source=None, device=cpu, rank=0)
     assert run.state["step"] == 0
-    for _ in range(2):
+    for step in (1, 2):
         run.task.step(run.module, next(run.batches), run.optimizer, run.generator)
+        run.ema.update(step)
     run.state.update(step=2, history=[[1, 0.5], [2, 0.4]])
-    save_state(cfg.out, run)
+    ckpt = tmp_path / "step_00000002"
+    save_checkpoint_dir(run, str(ckpt), rng_states(run, 0, cpu))
     saved = run.optimizer.state_dict()
+    # only what training changes: the autoencoder's weights, not the frozen GRM, classifier, Patch-DiT
+    from safetensors.torch import load_file
 
-    resumed = build_worker_state(cfg, source=cfg.out, device=torch.device("cpu"), rank=0)
+    kept = load_file(ckpt / TRAINABLE_FILE)
+    assert kept and all(k.startswith("autoencoder.") for k in kept)
+    assert set(load_file(ckpt / EMA_FILE)) <= set(kept)
+    next_draw = torch.rand(4, generator=run.generator)
+
+    resumed = build_worker_state(cfg, source=str(ckpt), device=cpu, rank=0)
+    assert torch.equal(torch.rand(4, generator=resumed.generator), next_draw)  # RNG state restored
+    assert all(torch.equal(resumed.ema.shadow[k], v) for k, v in run.ema.shadow.items())
     assert resumed.state["step"] == 2 and resumed.state["history"] == [[1, 0.5], [2, 0.4]]
     loaded = resumed.optimizer.state_dict()
     assert loaded["param_groups"][0]["betas"] == saved["param_groups"][0]["betas"]
@@ -345,6 +358,7 @@ def test_resume_restores_step_and_optimizer_state(
     resumed_state = resumed.model.state_dict()
     for k, v in run.model.state_dict().items():
         assert torch.equal(v, resumed_state[k]), k
+    export_final(run)
     assert (tmp_path / "out" / "loss_curve.png").stat().st_size > 1000
     scale = json.loads((tmp_path / "out" / "config.json").read_text())["autoencoder"]["scaling_factor"]
     assert scale != PRESETS["tiny"].autoencoder.scaling_factor  # calibrated to 1 / std(latents)
@@ -377,7 +391,7 @@ def test_two_worker_ray_train_run_and_rerun_resumes(
 
     out = tmp_path / "grm"
     cfg = _config("grm", init_checkpoint, out, hr_folder, crop=64, num_workers=2, steps=2)
-    state = run_training(cfg)
+    state = run_training(cfg, progress=False)
     assert state["step"] == 2 and state["world_size"] == 2
     assert state["skipped"]["unreadable"] >= 0 and [h[0] for h in state["history"]] == [1, 2]
     trained = load_checkpoint(str(out))
@@ -387,6 +401,7 @@ def test_two_worker_ray_train_run_and_rerun_resumes(
 
     state = run_training(dataclasses.replace(cfg, steps=3, num_workers=1))  # the same command, longer
     assert state["step"] == 3 and [h[0] for h in state["history"]] == [1, 2, 3]
+    assert state["resumes"] == [2]  # from the run's last checkpoint in its storage (OUT/ray)
 
 
 def test_latent_windows_cover_every_patch_position() -> None:

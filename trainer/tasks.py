@@ -20,6 +20,7 @@ from torch import nn
 from patchscaler.config import PatchScalerConfig
 from patchscaler.model import PatchScalerModel
 from patchscaler.training.degradations import DegradationConfig, PairPool, degrade
+from patchscaler.training.precision import Amp
 from patchscaler.training.steps import (
     AutoencoderForTraining,
     TextureDenoiser,
@@ -65,8 +66,9 @@ class TrainConfig:
     autoencoder: str | None = None
     # patchdit: "uniform" t ~ U{1..T} (Eq. 9) or "sampler": only the times PGS evaluates the network at
     t_sampling: str = "uniform"
-    # grm: validation HR images (never trained on) on which gamma1/gamma2 are calibrated at every
-    # checkpoint to give the groups these (simple, medium, hard) shares (trainer/calibrate.py)
+    # validation HR images (never trained on): validated every val_every steps (trainer/validation.py);
+    # grm: gamma1/gamma2 are calibrated on them for the export to give the groups these (simple, medium,
+    # hard) shares (trainer/calibrate.py)
     val_data: tuple[str, ...] = ()
     group_shares: tuple[float, float, float] = (1 / 3, 1 / 3, 1 / 3)
     num_workers: int = 1  # Ray Train workers (one per GPU)
@@ -76,6 +78,18 @@ class TrainConfig:
     loader_prefetch: int = 4  # batches each DataLoader process reads ahead
     storage: str | None = None  # Ray Train storage path; default OUT/ray
     address: str | None = None  # Ray cluster address; default: a local Ray
+    # unattended runs and what they keep (trainer/checkpoints.py, trainer/ema.py)
+    ema_decay: float = 0.9999  # EMA of the trained weights, warm-up min(decay, (1 + step) / (10 + step))
+    keep_checkpoints: int = 3  # the last k checkpoints in the run's storage
+    max_failures: int = 3  # worker failures Ray Train recovers from (from the last checkpoint)
+    # seeing the run (trainer/tracking.py, trainer/validation.py)
+    val_every: int = 1000  # validation crops through the real sampler (needs val_data)
+    val_images: int = 4  # how many validation crops
+    verbose: bool = False  # Ray's own logs
+    # precision and speed (patchscaler/training/precision.py)
+    precision: str = "auto"  # bf16 | fp16 (with GradScaler) | fp32 | auto: bf16 on CUDA, fp32 elsewhere
+    compile: bool = False  # torch.compile of the trained module
+    tf32: bool = True  # TF32 matmuls and convolutions on CUDA
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -121,6 +135,7 @@ class Task:
     model: PatchScalerModel
     device: torch.device
     extras: dict[str, Any] = field(default_factory=dict)
+    amp: Amp | None = None  # mixed precision of the step; None: bf16 on CUDA, fp32 elsewhere
 
     def __post_init__(self) -> None:
         if self.cfg.autoencoder:
@@ -201,7 +216,7 @@ class AutoencoderTask(Task):
         hr = batch[0].to(self.device)
         return autoencoder_step(module, hr, optimizer, kl_weight=self.cfg.kl_weight, generator=generator,
                                 recon_loss=self.cfg.recon_loss,
-                                max_grad_norm=self.cfg.max_grad_norm)
+                                max_grad_norm=self.cfg.max_grad_norm, amp=self.amp)
 
     @torch.no_grad()
     def checkpoint_config(self, batches: CropBatches) -> PatchScalerConfig:
@@ -249,7 +264,7 @@ class GRMTask(Task):
         hr, lr = self.pairs(batch[0].to(self.device), generator)
         g = self.model.config.grm
         return grm_step(module, self.model.autoencoder, lr, hr, optimizer, scale=self.model.config.scale,
-                        lam=g.loss_lambda, eta=g.loss_eta, max_grad_norm=self.cfg.max_grad_norm)
+                        lam=g.loss_lambda, eta=g.loss_eta, max_grad_norm=self.cfg.max_grad_norm, amp=self.amp)
 
 
 class ClassifierTask(Task):
@@ -273,7 +288,7 @@ class ClassifierTask(Task):
     def step(self, module, batch, optimizer, generator):
         images, labels = batch[0].to(self.device), batch[1].to(self.device)
         return classifier_step(module, self.model.autoencoder, images, labels, optimizer,
-                               max_grad_norm=self.cfg.max_grad_norm)
+                               max_grad_norm=self.cfg.max_grad_norm, amp=self.amp)
 
 
 class PatchDiTTask(Task):
@@ -300,7 +315,7 @@ class PatchDiTTask(Task):
             scale=cfg.scale, patch=cfg.sampler.patch_size,
             stride=cfg.sampler.patch_size - cfg.sampler.overlap,
             top_k=cfg.texture_encoder.top_k, generator=generator, t_choices=self.extras["t_choices"],
-            max_grad_norm=self.cfg.max_grad_norm,
+            max_grad_norm=self.cfg.max_grad_norm, amp=self.amp,
         )
 
 

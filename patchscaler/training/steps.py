@@ -3,7 +3,8 @@
 The Ray Train loops (``trainer/``) call these; so can a notebook. Trainable parts may come wrapped in
 ``DistributedDataParallel``, which is why the autoencoder and the Patch-DiT + texture-encoder pair have
 small training modules here whose ``forward`` is everything that needs gradients. Mixed precision:
-bf16 autocast on CUDA, fp32 elsewhere; losses are computed in fp32.
+``amp`` (``precision.py``: bf16, fp16 with a gradient scaler, or fp32); without it bf16 autocast on CUDA
+and fp32 elsewhere. Losses are computed in fp32.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from patchscaler.patch_dit import PatchDiT
 from patchscaler.rtm import ReferenceTextureMemory
 from patchscaler.texture import TextureClassifier, TextureEncoder
 from patchscaler.training.losses import autoencoder_loss, classifier_loss, diffusion_loss, grm_loss
+from patchscaler.training.precision import Amp
 
 if TYPE_CHECKING:
     from patchscaler.diffusion import NoiseSchedule
@@ -33,13 +35,8 @@ def autocast(device: torch.device) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
-def _update(loss: torch.Tensor, module: nn.Module, optimizer: torch.optim.Optimizer,
-            max_grad_norm: float | None) -> float:
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    norm = torch.nn.utils.clip_grad_norm_(module.parameters(), max_grad_norm or float("inf"))
-    optimizer.step()
-    return float(norm)
+def _amp(amp: Amp | None, device: torch.device) -> Amp:
+    return amp if amp is not None else Amp.create("auto", device)
 
 
 class AutoencoderForTraining(nn.Module):
@@ -85,15 +82,17 @@ class TextureDenoiser(nn.Module):
 def autoencoder_step(
     model: nn.Module, hr: torch.Tensor, optimizer: torch.optim.Optimizer, *, kl_weight: float,
     generator: torch.Generator, max_grad_norm: float | None = None, recon_loss: str = "l1",
+    amp: Amp | None = None,
 ) -> dict[str, float]:
     """``model``: an ``AutoencoderForTraining`` (maybe DDP-wrapped); ``hr`` (B, 3, H, W) in [0, 1]."""
     x = hr * 2.0 - 1.0  # (B, 3, H, W) in [-1, 1]
     inner = model.module if hasattr(model, "module") else model
     noise = torch.randn(inner.latent_shape(x), generator=generator)  # used by AutoencoderKL only
-    with autocast(x.device):
+    amp = _amp(amp, x.device)
+    with amp.autocast():
         recon, mean, logvar = model(x, noise.to(x.device))
     loss, parts = autoencoder_loss(recon, x, mean, logvar, kl_weight=kl_weight, recon_loss=recon_loss)
-    grad_norm = _update(loss, model, optimizer, max_grad_norm)
+    grad_norm = amp.update(loss, model, optimizer, max_grad_norm)
     latent_std = float(mean.detach().float().std())
     return {"loss": float(loss.detach()), **parts, "latent_std": latent_std, "grad_norm": grad_norm}
 
@@ -112,14 +111,15 @@ def encode_pair(
 def grm_step(
     grm: nn.Module, autoencoder: LatentAutoencoder, lr: torch.Tensor, hr: torch.Tensor,
     optimizer: torch.optim.Optimizer, *, scale: int, lam: float, eta: float,
-    max_grad_norm: float | None = None,
+    max_grad_norm: float | None = None, amp: Amp | None = None,
 ) -> dict[str, float]:
     """Eq. (1)/(8) on one batch: the frozen autoencoder gives y_LR and x_HR, the GRM (y_HR, C)."""
     y_lr, x_hr = encode_pair(autoencoder, lr, hr, scale=scale)
-    with autocast(hr.device):
+    amp = _amp(amp, hr.device)
+    with amp.autocast():
         y_hr, conf = grm(y_lr)
     loss = grm_loss(y_hr.float(), conf.float(), x_hr, lam=lam, eta=eta)
-    grad_norm = _update(loss, grm, optimizer, max_grad_norm)
+    grad_norm = amp.update(loss, grm, optimizer, max_grad_norm)
     l1 = float((y_hr.detach().float() - x_hr).abs().mean())
     conf_mean = float(conf.detach().float().mean())
     return {"loss": float(loss.detach()), "l1": l1, "conf": conf_mean, "grad_norm": grad_norm}
@@ -127,15 +127,16 @@ def grm_step(
 
 def classifier_step(
     classifier: nn.Module, autoencoder: LatentAutoencoder, images: torch.Tensor, labels: torch.Tensor,
-    optimizer: torch.optim.Optimizer, *, max_grad_norm: float | None = None,
+    optimizer: torch.optim.Optimizer, *, max_grad_norm: float | None = None, amp: Amp | None = None,
 ) -> dict[str, float]:
     """Cross-entropy on latent patches: images (B, 3, 8V, 8V) in [0, 1] -> latents (B, 4, V, V)."""
     with torch.no_grad(), autocast(images.device):
         latents = autoencoder.encode(images).float()  # (B, 4, V, V)
-    with autocast(images.device):
+    amp = _amp(amp, images.device)
+    with amp.autocast():
         logits = classifier(latents)  # (B, 47)
     loss, parts = classifier_loss(logits, labels)
-    grad_norm = _update(loss, classifier, optimizer, max_grad_norm)
+    grad_norm = amp.update(loss, classifier, optimizer, max_grad_norm)
     return {"loss": float(loss.detach()), **parts, "grad_norm": grad_norm}
 
 
@@ -174,6 +175,7 @@ def patchdit_step(
     rtm: ReferenceTextureMemory, schedule: NoiseSchedule, lr: torch.Tensor, hr: torch.Tensor,
     optimizer: torch.optim.Optimizer, scale: int, patch: int, stride: int, top_k: int,
     generator: torch.Generator, t_choices: torch.Tensor | None = None, max_grad_norm: float | None = None,
+    amp: Amp | None = None,
 ) -> dict[str, float]:
     """Eq. (9) on every V x V latent window (at the sampler's patch stride) of each crop: the frozen
     autoencoder + GRM give the coarse y0 and the target x0 once per crop; the frozen classifier + RTM give
@@ -189,8 +191,9 @@ def patchdit_step(
     eps = torch.randn(x0.shape, generator=generator).to(x0.device)  # (B*W, C, V, V)
     x_t = schedule.q_sample(x0, t, eps)  # (B*W, C, V, V), Eq. (4)
     target = schedule.training_target(x0, eps, t)  # eps (Eq. 9), v or x0
-    with autocast(hr.device):
+    amp = _amp(amp, hr.device)
+    with amp.autocast():
         out = denoiser(x_t, t.float(), y0, values, scores)
     loss = diffusion_loss(out, target)
-    grad_norm = _update(loss, denoiser, optimizer, max_grad_norm)
+    grad_norm = amp.update(loss, denoiser, optimizer, max_grad_norm)
     return {"loss": float(loss.detach()), "patches": float(x0.shape[0]), "grad_norm": grad_norm}
