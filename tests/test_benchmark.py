@@ -17,8 +17,9 @@ from PIL import Image
 from pipeline_data import im, make_assets
 
 from eval.datasets import load_image, save_png
-from eval.metrics import MetricScorer
-from eval.results import HISTORY_SCHEMA, RESULT_SCHEMA
+from eval.metrics import MetricScorer, installed_version
+from eval.history import HISTORY_SCHEMA
+from eval.results import RESULT_SCHEMA
 from jobs.cli import build_parser, main
 from patchscaler.upscaler import group_map, plan_patches, restore
 from patchscaler.weights import load_checkpoint
@@ -70,7 +71,7 @@ def test_upscale_dataset_scores_and_maps_in_one_pass(ray_session, assets, tmp_pa
     assert sorted(zip(scores["image_id"], scores["metric"], strict=True)) == [
         ("a", "piqe"), ("a", "psnr"), ("b", "piqe"), ("sub/c", "piqe"), ("sub/c", "psnr")]  # none: corrupt
     assert (scores["error"] == "").all() and np.isfinite(scores["value"]).all()
-    assert set(scores["dataset"]) == {"in"} and set(scores["iqa_version"]) == {"0.1.16"}
+    assert set(scores["dataset"]) == {"in"} and set(scores["iqa_version"]) == {installed_version("pyiqa")}
     scorer = MetricScorer(metrics=["piqe", "psnr"], cache_dir=str(cache), crop_border=4)
     hr_of = {"a": str(hr / "a_HR.png"), "sub/c": str(hr / "c.png")}
     for r in scores.itertuples():
