@@ -27,8 +27,8 @@ from eval.datasets import (
     match_results,
     save_png,
 )
-from eval.metrics import CACHE_ENV, METRICS, MetricScorer, MissingWeightsError, file_sha256, resolve_cache_dir
 from eval.history import HISTORY_SCHEMA
+from eval.metrics import CACHE_ENV, METRICS, MetricScorer, MissingWeightsError, file_sha256, resolve_cache_dir
 from eval.results import RESULT_SCHEMA, SUMMARY_SCHEMA
 from jobs.checks import UsageError
 
