@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from PIL import Image
 
 from eval.datasets import check_references, load_dataset, pair_counts, save_png
 from eval.gate import DEFAULT_TOLERANCES, check, parse_tolerances
@@ -224,3 +225,41 @@ def test_pipeline_scores_imports_nothing_from_eval() -> None:
     modules = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
     modules |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     assert modules and not any(m == "eval" or m.startswith("eval.") for m in modules if m)
+
+
+def test_report_shows_worst_images_drops_with_crops_and_dates(tmp_path: Path) -> None:
+    """Triage: the worst images, the biggest drops since the baseline run with crops of both runs'
+    outputs, a dated trend with runtime, and the gate's table."""
+    g = torch.Generator().manual_seed(0)
+    hr = torch.rand(3, 32, 32, generator=g)
+    save_png(hr, tmp_path / "hr.png")
+    uri = str(tmp_path / "history.parquet")
+    frames = {}
+    for run, t, noise in (("n0", 1_764_547_200.0, 0.0), ("n1", 1_764_633_600.0, 0.4)):
+        rows = []
+        for image_id in ("a", "b"):
+            sr = hr if image_id == "b" else (hr + noise * torch.rand(hr.shape, generator=g)).clamp(0, 1)
+            save_png(sr, tmp_path / run / f"{image_id}.png")
+            (v,) = MetricScorer(metrics=["psnr"], cache_dir=str(tmp_path)).score(sr, hr)
+            rows.append({"image_id": image_id, "dataset": "s", "metric": "psnr", "value": min(v.value, 60.0),
+                         "sr_path": str(tmp_path / run / f"{image_id}.png"),
+                         "hr_path": str(tmp_path / "hr.png"),
+                         "runtime_s": 2.0 if run == "n0" else 3.0, "method": "patchscaler"})
+        frames[run] = conform(pd.DataFrame(rows), RESULT_SCHEMA)
+        hist = append_run(summarize(frames[run]), frames[run], uri, run_id=run, timestamp=t)
+    images = read_image_history(uri)
+    gate = check(hist, images, run_id="n1")
+    assert [r["images"][0]["image_id"] for r in gate.regressions] == ["a"]
+    out = tmp_path / "report"
+    render_report(results=frames["n1"], summary=summarize(frames["n1"]), history=hist, out=str(out),
+                  image_history=images, gate=gate, worst=1, examples_per_dataset=0)
+    md = (out / "report.md").read_text()
+    assert "## Regression gate" in md and "## Worst 1 images per set and metric" in md
+    worst = next(line for line in md.splitlines() if line.startswith("| s | patchscaler | psnr | a ("))
+    assert "b (" not in worst  # only the worst one
+    assert "## Biggest per-image drops since the baseline run" in md and "drop_000.png" in md
+    assert "2025-12-01 00:00 (n0)" in md and "2025-12-02 00:00 (n1)" in md  # dated trend columns
+    with Image.open(out / "drop_000.png") as png:  # baseline, this run and HR side by side
+        assert png.size[0] > 2.5 * png.size[1]
+    with Image.open(out / "trend.png") as png:
+        png.verify()
