@@ -85,10 +85,11 @@ def add_history_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fail-on-regression", action="store_true",
                    help="exit 3 when a metric's mean got worse than the baseline run's by more than its "
                         "tolerance; one JSON line on stdout lists the regressions and the images that moved")
-    p.add_argument("--tolerance", type=tolerance_list, default={}, metavar="METRIC=VALUE,…",
-                   help="absolute tolerances overriding the defaults (psnr=0.1, ssim=0.005, lpips=0.01, "
-                        "maniqa*/clipiqa=0.01, musiq=0.5, piqe=1, niqe=0.2, brisque=1), "
-                        "e.g. musiq=0.5,psnr=0.05")
+    from eval.gate import DEFAULT_TOLERANCES
+
+    defaults = ", ".join(f"{m}={t:g}" for m, t in DEFAULT_TOLERANCES.items())
+    p.add_argument("--tolerance", type=tolerance_list, default=None, metavar="METRIC=VALUE,…",
+                   help=f"absolute tolerances, e.g. musiq=0.5,psnr=0.05, overriding the defaults: {defaults}")
     p.add_argument("--baseline-run", default=None, metavar="RUN_ID",
                    help="compare with this run of the history (default: the previous run)")
     p.add_argument("--worst", type=int, default=5, help="worst and most-dropped images per set and metric in "
