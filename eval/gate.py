@@ -90,7 +90,9 @@ def movers(images: pd.DataFrame, *, current: str, baselines: dict[str, str], key
     if both.empty:
         return []
     both["delta"] = both["value"] - both["baseline"]
-    both["worse_by"] = [_bad_delta(metric, d) if math.isfinite(d) else math.inf for d in both["delta"]]
+    # an image that failed now (NaN) moved most; one new in this run (no baseline score) did not move
+    both["worse_by"] = [_bad_delta(metric, d) if math.isfinite(d) else (math.inf if math.isfinite(b) else 0.0)
+                        for d, b in zip(both["delta"], both["baseline"], strict=True)]
     both = both.sort_values(["worse_by"], ascending=False, kind="stable").head(top)
     return [{"image_id": str(i), "baseline": _num(r.baseline), "value": _num(r.value), "delta": _num(r.delta)}
             for i, r in both.iterrows() if r.worse_by > 0]

@@ -100,6 +100,8 @@ def test_gate_directions_tolerances_and_baselines(tmp_path: Path) -> None:
     hist, images = read_history(uri), read_image_history(uri)
     (reg,) = check(hist, images, run_id="n3").regressions
     assert reg["metric"] == "psnr" and reg["value"] is None
+    assert [(i["image_id"], i["baseline"], i["value"]) for i in reg["images"]] == [("a", 31.0, None),
+                                                                                  ("b", 20.0, None)]
     assert check(hist, images, run_id="n3").record()["gate"] == "regression"
 
 
