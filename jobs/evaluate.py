@@ -231,7 +231,7 @@ def run(args: argparse.Namespace) -> int:
     from eval.history import RunInfo, dataset_fingerprint
     from eval.metrics import get_spec, resolve_cache_dir
     from eval.results import new_run_id
-    from eval.score import ScoreConfig, score_rows
+    from eval.score import ScoreConfig, score_rows, stage_resources
     from jobs.checks import UsageError, check_exists, check_output, short
     from jobs.runtime import start_ray
     from pipeline.io import storage_options
@@ -268,7 +268,8 @@ def run(args: argparse.Namespace) -> int:
                          storage_options=options, size_slack=max(args.scale - 1, 0))
     results = score_rows(plan.rows, config)
     run_id = args.run_id or new_run_id(time.time())
-    info = RunInfo(device=config.device, crop_border=config.crop_border, scale=args.scale, seed=args.seed,
+    info = RunInfo(device=stage_resources(config)["device"], crop_border=config.crop_border, scale=args.scale,
+                   seed=args.seed,
                    datasets={n: (dataset_fingerprint([(e.key, e.lr, e.hr) for e in es]), len(es))
                              for n, es in plan.entries.items()})
     summary, gate = record_run(results, out=args.out, args=args, run_id=run_id, maps=plan.maps,
