@@ -303,12 +303,12 @@ def _distribution_section(doc: _Doc, writer: _Writer, results: pd.DataFrame) -> 
     doc.heading("Distributions and runtime")
     for metric, g in results.groupby("metric", sort=True):
         fig, ax = plt.subplots(figsize=(5, 3))
-        for dataset, d in g.groupby("dataset"):
+        for (dataset, method), d in g.groupby(["dataset", "method"]):
             values = d["value"].to_numpy(dtype=np.float64)
             values = values[np.isfinite(values)]
             if values.size:
                 ax.hist(values, bins=min(20, max(3, values.size)), alpha=0.6,
-                        label=f"{dataset} (n={values.size})")
+                        label=f"{dataset} {method} (n={values.size})")
         ax.set_xlabel(metric)
         ax.set_ylabel("images")
         ax.legend(fontsize=7)
@@ -436,7 +436,8 @@ def render_report(*, results: pd.DataFrame, summary: pd.DataFrame, history: pd.D
         _drops_section(doc, writer, results, image_history, gate, worst, options)
     if not results.empty:
         _distribution_section(doc, writer, results)
-        _example_section(doc, writer, results, maps or {}, examples_per_dataset, options)
+        ours = results[results["method"] == DEFAULT_METHOD]  # the crops are labelled "PatchScaler (ours)"
+        _example_section(doc, writer, ours, maps or {}, examples_per_dataset, options)
     doc.html.append("</body></html>")
     md_uri, html_uri = join(out, MD_FILE), join(out, HTML_FILE)
     write_bytes_atomic(md_uri, "\n".join(doc.md).encode(), options)
