@@ -30,7 +30,7 @@ from typing import Any, NamedTuple
 import torch
 
 CACHE_ENV = "PATCHSCALER_IQA_CACHE"
-PYIQA_VERSION = "0.1.16"  # the version whose file names and options this registry follows
+PYIQA_VERSION = "0.1.16"  # the version whose file names and options this registry follows (installed_version)
 _HF = "https://huggingface.co/chaofengc/IQA-PyTorch-Weights/resolve/main/"
 _CLIP_RN50_SHA = "afeb0e10f9e5a86da6080e35cf09123aca3b358a0c3e3b6c78a7b63bc04b6762"
 
@@ -67,7 +67,8 @@ METRICS: dict[str, MetricSpec] = {s.name: s for s in (
                backbone_in_checkpoint=True, paper_name="ManIQA", note="MANIQA trained on PIPAL"),
     MetricSpec(name="maniqa-koniq", pyiqa_name="maniqa", needs_reference=False, lower_better=False,
                files=(("pyiqa/ckpt_koniq10k.pt", _HF + "ckpt_koniq10k.pt"),),
-               backbone_in_checkpoint=True, paper_name="ManIQA", note="MANIQA trained on KonIQ-10k"),
+               backbone_in_checkpoint=True,  # pyiqa's default `maniqa`; not the paper's column (PIPAL's is)
+               note="MANIQA trained on KonIQ-10k (pyiqa's maniqa), shown apart from the paper's ManIQA"),
     MetricSpec(name="clipiqa", pyiqa_name="clipiqa", needs_reference=False, lower_better=False,
                files=(("clip/RN50.pt", "https://openaipublic.azureedge.net/clip/models/"
                        f"{_CLIP_RN50_SHA}/RN50.pt"),),
@@ -268,10 +269,29 @@ def create_metric(name: str, *, cache_dir: str | None = None, device: str = "cpu
     return metric.eval()
 
 
-def common_crop(sr: torch.Tensor, hr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-left crop of both images to their common size (an HR that is not a multiple of the scale is a
-    few pixels larger than the ×scale output)."""
-    h, w = min(sr.shape[-2], hr.shape[-2]), min(sr.shape[-1], hr.shape[-1])
+def installed_version(distribution: str = "pyiqa") -> str:
+    """The installed version of a distribution (``importlib.metadata``), ``""`` when it is not installed."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(distribution)
+    except PackageNotFoundError:
+        return ""
+
+
+class SizeMismatchError(ValueError):
+    """The upscaled image and its reference differ by more than rounding."""
+
+
+def common_crop(sr: torch.Tensor, hr: torch.Tensor, *, slack: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-left crop of both images to their common size when they differ by at most ``slack`` pixels per
+    side (an HR that is not a multiple of the scale ``s`` is up to ``s - 1`` pixels larger than the ×s
+    output); a larger difference is a :class:`SizeMismatchError`, never a silent crop."""
+    (sh, sw), (hh, hw) = sr.shape[-2:], hr.shape[-2:]
+    if abs(sh - hh) > slack or abs(sw - hw) > slack:
+        raise SizeMismatchError(f"SR is {sh}x{sw} but HR is {hh}x{hw} (more than {slack} px apart: wrong "
+                                "pairing or wrong scale?)")
+    h, w = min(sh, hh), min(sw, hw)
     return sr[..., :h, :w], hr[..., :h, :w]
 
 
@@ -279,16 +299,18 @@ class MetricScorer:
     """The metric models of one worker; ``score`` runs every metric on one image.
 
     ``seed`` re-seeds torch before every metric call, so metrics that crop at random give the same value
-    for an image whatever else the worker scored before it."""
+    for an image whatever else the worker scored before it. ``size_slack``: how many pixels per side the
+    SR and HR images may differ (the scale minus one); more is an error on that image."""
 
     def __init__(self, *, metrics: Sequence[str], cache_dir: str | None = None, device: str = "cpu",
-                 seed: int = 0, crop_border: int = 4) -> None:
+                 seed: int = 0, crop_border: int = 4, size_slack: int = 3) -> None:
         self.specs = [get_spec(m) for m in metrics]
         self.cache_dir = resolve_cache_dir(cache_dir)
         check_weights([s.name for s in self.specs], self.cache_dir)  # all missing files in one error
         self.device = device
         self.seed = seed
         self.crop_border = crop_border
+        self.size_slack = size_slack
         self.models = {s.name: create_metric(s.name, cache_dir=self.cache_dir, device=device,
                                              crop_border=crop_border) for s in self.specs}
 
@@ -308,7 +330,7 @@ class MetricScorer:
             try:
                 x = sr[None].to(self.device).clamp(0, 1)  # (1, 3, H, W)
                 if spec.needs_reference:
-                    x, ref = common_crop(x, hr[None].to(self.device).clamp(0, 1))
+                    x, ref = common_crop(x, hr[None].to(self.device).clamp(0, 1), slack=self.size_slack)
                     if not self._fits(spec, x):
                         size = tuple(x.shape[-2:])
                         raise ValueError(f"image {size} too small for border {self.crop_border}")

@@ -56,14 +56,15 @@ REPORT_BASELINES = ("Real-ESRGAN", "StableSR", "ResShift", "DiffBIR", "PASD", "P
 
 
 def paper_dataset(name: str) -> str | None:
-    """Which paper set a dataset name stands for: ``lsdir…`` -> LSDIR-Test, ``realset…`` -> RealSet110,
-    ``realsr…`` -> RealSR; None otherwise."""
+    """Which paper set a dataset name is: ``lsdir``/``lsdir-test…`` -> LSDIR-Test, ``realsr``/``realsr-v3…``
+    -> RealSR, ``realset110…`` -> RealSet110; None otherwise (``realset65`` is another set and is never
+    compared with RealSet110's row)."""
     low = name.lower().replace("_", "-")
-    if low.startswith("lsdir"):
+    if low == "lsdir" or low.startswith("lsdir-test"):
         return TABLE1_DATASET
-    if low.startswith("realset"):
+    if low.startswith("realset110") or low.startswith("realset-110"):
         return "RealSet110"
-    if low.startswith("realsr"):
+    if low == "realsr" or low.startswith(("realsr-v3", "realsrv3", "realsr-test")):
         return "RealSR"
     return None
 

@@ -1,13 +1,17 @@
 """The evaluation report: static Markdown + HTML with PNG figures, written next to the Parquet tables.
 
-Sections: this run's scores; the same scores next to the paper's Tables 1-2 (for sets named ``lsdir…``,
-``realsr…``, ``realset…``); the trend over the runs in the history; metric distributions and runtimes;
-LR-bicubic / ours / HR crops; the group (or confidence) map drawn over the upscaled image, like the
-paper's Fig. 7, for images that have one.
+Sections: this run's scores (per set, method and metric); the same scores next to the paper's Tables 1-2
+(only for the paper's own sets: ``lsdir-test``, ``realsr``, ``realset110``), every measured method side by
+side with the paper's rows; the regression gate against the baseline run; the trend over the runs in the
+history, dated, with the upscaling runtime; for triage the worst images per set and metric and the biggest
+per-image drops since the baseline run (with crops of both runs' outputs); metric distributions and
+runtimes; LR-bicubic / ours / HR crops; the group (or confidence) map drawn over the upscaled image, like
+the paper's Fig. 7, for images that have one.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import html
 import io
 import math
@@ -27,9 +31,11 @@ from matplotlib.patches import Patch
 from PIL import Image
 
 from eval.datasets import load_image
-from eval.metrics import METRICS, PYIQA_VERSION
+from eval.gate import GateResult, lower_is_better, movers
+from eval.metrics import METRICS, PAPER_METRICS
 from eval.paper import REPORT_BASELINES, paper_dataset, paper_rows
 from pipeline.io import join, read_bytes, write_bytes_atomic
+from pipeline.scores import DEFAULT_METHOD
 
 GROUP_COLORS = np.array([[46, 204, 113], [241, 196, 15], [231, 76, 60]], dtype=np.uint8)  # simple/medium/hard
 GROUP_NAMES = ("simple", "medium", "hard")
@@ -109,15 +115,26 @@ class _Writer:
         return name
 
 
-def _summary_section(doc: _Doc, summary: pd.DataFrame) -> None:
+def _summary_section(doc: _Doc, summary: pd.DataFrame, iqa_version: str) -> None:
     doc.heading("Scores")
-    rows = [[r.dataset, r.metric + (" (lower is better)" if r.lower_better else ""),
+    rows = [[r.dataset, r.method, r.metric + (" (lower is better)" if r.lower_better else ""),
              f"{_fmt(r.mean, r.metric)} ± {_fmt(r.std, r.metric)}", str(r.count), str(r.failed),
              _fmt(r.mean_runtime_s, "runtime")] for r in summary.itertuples()]
-    doc.table(["dataset", "metric", "mean ± std", "images", "failed", "upscale s/image"], rows)
+    doc.table(["dataset", "method", "metric", "mean ± std", "images", "failed", "upscale s/image"], rows)
     notes = sorted({f"{m}: {METRICS[m].note}" for m in summary["metric"] if m in METRICS and METRICS[m].note})
     if notes:
-        doc.para(f"pyiqa {PYIQA_VERSION}. " + "; ".join(notes) + ".")
+        doc.para(f"pyiqa {iqa_version or 'unknown'}. " + "; ".join(notes) + ".")
+
+
+def _paper_metric(rows: pd.DataFrame, column: str) -> str | None:
+    """Which of our metrics fills a paper column: the paper's variant (``PAPER_METRICS``) first."""
+    names = sorted({m for m in rows["metric"] if m in METRICS and METRICS[m].paper_name == column},
+                   key=lambda m: (m not in PAPER_METRICS, m))
+    return names[0] if names else None
+
+
+def _label(method: str) -> str:
+    return "PatchScaler (this run)" if method == DEFAULT_METHOD else f"{method} (this run)"
 
 
 def _paper_section(doc: _Doc, summary: pd.DataFrame) -> None:
@@ -131,15 +148,44 @@ def _paper_section(doc: _Doc, summary: pd.DataFrame) -> None:
             shown = True
         columns, table = paper_rows(paper)
         ours = summary[summary["dataset"] == dataset]
-        cells, used = [], []
-        for col in columns:  # the first of our metrics that is this paper column
-            match = [r for r in ours.itertuples()
-                     if r.metric in METRICS and METRICS[r.metric].paper_name == col]
-            cells.append(_fmt(match[0].mean, match[0].metric) if match else "—")
-            used += [f"{col} = {match[0].metric}"] if match else []
-        rows = [[m, *table[m]] for m in REPORT_BASELINES if m in table] + [["PatchScaler (this run)", *cells]]
+        chosen = {col: _paper_metric(ours, col) for col in columns}
+        used = [f"{col} = {m}" for col, m in chosen.items() if m]
+        rows = [[m, *table[m]] for m in REPORT_BASELINES if m in table]
+        measured = [DEFAULT_METHOD] * (DEFAULT_METHOD in set(ours["method"]))
+        measured += sorted(m for m in set(ours["method"]) if m != DEFAULT_METHOD)
+        bold = set()
+        for method in measured:  # every method measured in this run, side by side with the paper's rows
+            mine = ours[ours["method"] == method].set_index("metric")
+            cells = [_fmt(mine.loc[m, "mean"], m) if m and m in mine.index else "—" for m in chosen.values()]
+            if method == DEFAULT_METHOD:
+                bold.add(len(rows))
+            rows.append([_label(method), *cells])
         doc.para(f"{dataset} vs the paper's {paper}" + (f" ({', '.join(used)})" if used else ""))
-        doc.table(["method", *columns], rows, bold_rows=frozenset({len(rows) - 1}))
+        doc.table(["method", *columns], rows, bold_rows=frozenset(bold))
+        extra = sorted(set(ours["metric"]) - {m for m in chosen.values() if m})
+        if extra:
+            doc.para("Also measured, no column of the paper's table: " + ", ".join(
+                f"{m} = {_fmt(r.mean, m)} ({r.method})" for m in extra
+                for r in ours[ours["metric"] == m].itertuples()) + ".")
+
+
+def _date(timestamp: float) -> dt.datetime:
+    return dt.datetime.fromtimestamp(float(timestamp), dt.timezone.utc)
+
+
+def _gate_section(doc: _Doc, gate: GateResult | None) -> None:
+    if gate is None or not gate.baseline_runs:
+        return
+    doc.heading("Regression gate")
+    doc.para(f"Against run(s) {', '.join(gate.baseline_runs)}: {gate.compared} (set, method, metric) "
+             f"compared, {len(gate.regressions)} past their tolerance.")
+    if gate.regressions:
+        doc.table(["dataset", "method", "metric", "baseline", "this run", "change", "tolerance",
+                   "images that moved most"],
+                  [[g["set"], g["method"], g["metric"], _fmt(g["baseline"] or math.nan, g["metric"]),
+                    _fmt(g["value"] if g["value"] is not None else math.nan, g["metric"]),
+                    f"{g['delta']:+.4g}" if g["delta"] is not None else "—", f"{g['tolerance']:g}",
+                    ", ".join(i["image_id"] for i in g["images"])] for g in gate.regressions])
 
 
 def _trend_section(doc: _Doc, writer: _Writer, history: pd.DataFrame) -> None:
@@ -149,7 +195,7 @@ def _trend_section(doc: _Doc, writer: _Writer, history: pd.DataFrame) -> None:
     doc.heading(f"Trend over {len(runs)} run(s)")
     shown = runs[-TREND_RUNS:]
     rows = []
-    for (dataset, metric), g in history.groupby(["dataset", "metric"], sort=True):
+    for (dataset, metric, method), g in history.groupby(["dataset", "metric", "method"], sort=True):
         means = {r.run_id: r.mean for r in g.itertuples()}
         values = [means.get(r, math.nan) for r in shown]
         change = "—"
@@ -158,34 +204,111 @@ def _trend_section(doc: _Doc, writer: _Writer, history: pd.DataFrame) -> None:
             lower = bool(g["lower_better"].iloc[-1])
             verdict = "same" if delta == 0 else ("better" if (delta < 0) == lower else "worse")
             change = f"{delta:+.4g} ({verdict})"
-        rows.append([dataset, metric, *[_fmt(v, metric) for v in values], change])
-    doc.table(["dataset", "metric", *shown, "last change"], rows)
+        rows.append([dataset, metric, method, *[_fmt(v, metric) for v in values], change])
+    dates = {r: _date(t).strftime("%Y-%m-%d %H:%M") for r, t in zip(history["run_id"], history["timestamp"],
+                                                                   strict=True)}
+    doc.table(["dataset", "metric", "method", *[f"{dates[r]} ({r})" for r in shown], "last change"], rows)
     first = float(history.loc[history["run_id"] == shown[0], "timestamp"].iloc[0])
     doc.para(f"Columns: the last {len(shown)} runs, oldest first (from "
              f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(first))}); last change: last run minus "
              "the one before, better/worse by the metric's direction.")
     metrics = sorted(history["metric"].unique())
-    fig, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 3), squeeze=False)
-    for ax, metric in zip(axes[0], metrics, strict=True):
-        for dataset, g in history[history["metric"] == metric].groupby("dataset"):
-            x = [runs.index(r) for r in g["run_id"]]
-            ax.plot(x, g["mean"], marker="o", label=dataset)
+    fig, axes = plt.subplots(1, len(metrics) + 1, figsize=(4 * (len(metrics) + 1), 3), squeeze=False)
+    for ax, metric in zip(axes[0], metrics, strict=False):
+        for (dataset, method), g in history[history["metric"] == metric].groupby(["dataset", "method"]):
+            ax.plot([_date(t) for t in g["timestamp"]], g["mean"], marker="o", label=f"{dataset} {method}")
         ax.set_title(metric + (" ↓" if METRICS.get(metric) and METRICS[metric].lower_better else ""))
-        ax.set_xticks(range(len(runs)), runs, rotation=45, ha="right", fontsize=7)
         ax.legend(fontsize=7)
-    doc.image(writer.figure("trend.png", fig), "metric means per run (oldest left)")
+    ax = axes[0][-1]  # the upscaling runtime, trended like the metrics
+    per_run = history.drop_duplicates(["run_id", "dataset", "method"])
+    for (dataset, method), g in per_run.groupby(["dataset", "method"]):
+        if np.isfinite(g["mean_runtime_s"].to_numpy(dtype=np.float64)).any():
+            ax.plot([_date(t) for t in g["timestamp"]], g["mean_runtime_s"], marker="o",
+                    label=f"{dataset} {method}")
+    ax.set_title("upscale s/image")
+    if ax.has_data():
+        ax.legend(fontsize=7)
+    for ax in axes[0]:
+        ax.tick_params(axis="x", labelrotation=45, labelsize=7)
+    doc.image(writer.figure("trend.png", fig),
+              "metric means and upscaling seconds per image, by run date (UTC)")
+
+
+def _worst_section(doc: _Doc, results: pd.DataFrame, worst: int) -> None:
+    rows = []
+    for (dataset, method, metric), g in results.groupby(["dataset", "method", "metric"], sort=True):
+        g = g[np.isfinite(g["value"].to_numpy(dtype=np.float64))]
+        g = g.sort_values(["value", "image_id"], ascending=[not lower_is_better(metric), True]).head(worst)
+        rows.append([dataset, method, metric, ", ".join(f"{r.image_id} ({_fmt(r.value, metric)})"
+                                                         for r in g.itertuples())])
+    if rows:
+        doc.heading(f"Worst {worst} images per set and metric")
+        doc.table(["dataset", "method", "metric", "worst first"], rows)
+
+
+def _load_or_none(uri: str, options: dict[str, Any]) -> torch.Tensor | None:
+    try:
+        return load_image(uri, options) if uri else None
+    except (OSError, ValueError):
+        return None
+
+
+def _drops_section(doc: _Doc, writer: _Writer, results: pd.DataFrame, images: pd.DataFrame,
+                   gate: GateResult, worst: int, options: dict[str, Any], max_figures: int = 6) -> None:
+    rows, figures = [], 0
+    for key, base_run in sorted(gate.baselines.items()):
+        moved = movers(images, current=gate.run_id, baselines={key[2]: base_run}, key=key, top=worst)
+        if not moved:
+            continue
+        dataset, method, metric = key
+        rows.append([dataset, method, metric, base_run, ", ".join(
+            f"{m['image_id']} ({m['delta']:+.4g})" if m["delta"] is not None else f"{m['image_id']} (failed)"
+            for m in moved)])
+        if figures >= max_figures or method != DEFAULT_METHOD:
+            continue
+        top = moved[0]["image_id"]
+        old = images[(images["run_id"] == base_run) & (images["dataset"] == dataset)
+                     & (images["image_id"] == top) & (images["metric"] == metric)]
+        new = results[(results["dataset"] == dataset) & (results["method"] == method)
+                      & (results["image_id"] == top)]
+        if old.empty or new.empty:
+            continue
+        old_uri, new_uri, hr_uri = old["sr_path"].iloc[0], new["sr_path"].iloc[0], new["hr_path"].iloc[0]
+        panels = [(f"{base_run} (baseline)", _load_or_none(old_uri, options) if old_uri != new_uri else None),
+                  ("this run", _load_or_none(new_uri, options)), ("HR", _load_or_none(hr_uri, options))]
+        panels = [(t, img) for t, img in panels if img is not None]
+        if not panels or (panels[0][0] == "this run" and len(panels) < 2):
+            continue
+        h, w = panels[0][1].shape[-2:]
+        top_, left, bottom, right = _crop_box(h, w, 160)
+        fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.4), squeeze=False)
+        for ax, (title, img) in zip(axes[0], panels, strict=True):
+            ax.imshow(img[:, top_:bottom, left:right].permute(1, 2, 0).numpy())  # (s, s, 3)
+            ax.set_title(title, fontsize=9)
+            ax.axis("off")
+        caption = f"{dataset}/{top}: biggest {metric} drop ({moved[0]['delta']:+.4g} vs {base_run})"
+        if old_uri == new_uri:
+            caption += "; the baseline's image was overwritten (same --out)"
+        doc_name = writer.figure(f"drop_{figures:03d}.png", fig)
+        rows[-1].append(doc_name)
+        figures += 1
+        doc.image(doc_name, caption)
+    if rows:
+        doc.heading("Biggest per-image drops since the baseline run")
+        doc.table(["dataset", "method", "metric", "baseline run", "images, change", "crops"],
+                  [r + [""] * (6 - len(r)) for r in rows])
 
 
 def _distribution_section(doc: _Doc, writer: _Writer, results: pd.DataFrame) -> None:
     doc.heading("Distributions and runtime")
     for metric, g in results.groupby("metric", sort=True):
         fig, ax = plt.subplots(figsize=(5, 3))
-        for dataset, d in g.groupby("dataset"):
+        for (dataset, method), d in g.groupby(["dataset", "method"]):
             values = d["value"].to_numpy(dtype=np.float64)
             values = values[np.isfinite(values)]
             if values.size:
                 ax.hist(values, bins=min(20, max(3, values.size)), alpha=0.6,
-                        label=f"{dataset} (n={values.size})")
+                        label=f"{dataset} {method} (n={values.size})")
         ax.set_xlabel(metric)
         ax.set_ylabel("images")
         ax.legend(fontsize=7)
@@ -291,7 +414,8 @@ def _example_section(doc: _Doc, writer: _Writer, results: pd.DataFrame,
 def render_report(*, results: pd.DataFrame, summary: pd.DataFrame, history: pd.DataFrame, out: str,
                   maps: dict[tuple[str, str], dict[str, str]] | None = None, run_id: str = "",
                   title: str = "PatchScaler evaluation", examples_per_dataset: int = 2,
-                  options: dict[str, Any] | None = None) -> ReportFiles:
+                  options: dict[str, Any] | None = None, image_history: pd.DataFrame | None = None,
+                  gate: GateResult | None = None, worst: int = 5) -> ReportFiles:
     """Write ``report.md``, ``report.html`` and their PNGs under ``out`` (folder or ``s3://`` prefix).
     ``maps``: (dataset, image id) -> {"groups": URI, "confidence": URI} of the images that have maps."""
     options = options or {}
@@ -301,12 +425,19 @@ def render_report(*, results: pd.DataFrame, summary: pd.DataFrame, history: pd.D
     rtms = sorted({v for v in results["rtm_version"] if v}) or ["unknown"]
     doc.para(f"run {run_id or '-'} · {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} · model "
              f"{', '.join(versions)} · RTM {', '.join(rtms)} · {results['image_id'].nunique()} images")
-    _summary_section(doc, summary)
+    iqa = ",".join(sorted({v for v in results["iqa_version"] if v}))
+    _summary_section(doc, summary, iqa)
     _paper_section(doc, summary)
+    _gate_section(doc, gate)
     _trend_section(doc, writer, history)
     if not results.empty:
+        _worst_section(doc, results, worst)
+    if gate is not None and image_history is not None:
+        _drops_section(doc, writer, results, image_history, gate, worst, options)
+    if not results.empty:
         _distribution_section(doc, writer, results)
-        _example_section(doc, writer, results, maps or {}, examples_per_dataset, options)
+        ours = results[results["method"] == DEFAULT_METHOD]  # the crops are labelled "PatchScaler (ours)"
+        _example_section(doc, writer, ours, maps or {}, examples_per_dataset, options)
     doc.html.append("</body></html>")
     md_uri, html_uri = join(out, MD_FILE), join(out, HTML_FILE)
     write_bytes_atomic(md_uri, "\n".join(doc.md).encode(), options)

@@ -1,13 +1,13 @@
-"""Evaluation tables: per-image scores (long format), the per-dataset summary, and the run history.
+"""Evaluation tables: per-image scores (long format) and the per-dataset summary of one run.
 
-- ``scores.parquet`` (:data:`RESULT_SCHEMA`): one row per (image, metric) — image id, dataset, metric, value,
-  the model and RTM versions that made the image, its upscaling runtime, the metric's own time, the files;
-- ``summary.parquet`` (:data:`SUMMARY_SCHEMA`): per (dataset, metric) mean / std / count of the finite
-  values, the failures, the mean upscaling runtime of the dataset's images;
-- ``history.parquet`` (:data:`HISTORY_SCHEMA`): the summary rows of every run, with the run id and time,
-  appended to by each run so that nights can be compared.
+- ``scores.parquet`` (:data:`RESULT_SCHEMA`, defined in ``pipeline/scores.py`` where the pipeline writes
+  it): one row per (image, metric) — image id, dataset, method, metric, value, the model and RTM versions
+  that made the image, its upscaling runtime, the metric's own time, the files;
+- ``summary.parquet`` and ``summary.csv`` (:data:`SUMMARY_SCHEMA`): per (dataset, method, metric) mean /
+  std / count of the finite values, the failures, the mean upscaling runtime of the dataset's images.
 
-All files are written whole and atomically (local or ``s3://``).
+The run history that nights are compared in is ``eval/history.py``. All files are written whole and
+atomically (local or ``s3://``).
 """
 
 from __future__ import annotations
@@ -22,27 +22,15 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from eval.metrics import METRICS, PYIQA_VERSION
+from eval.metrics import METRICS
 from pipeline.io import filesystem, join, write_bytes_atomic
+from pipeline.scores import DEFAULT_METHOD, RESULT_SCHEMA
 
-RESULT_SCHEMA = pa.schema([
-    ("image_id", pa.string()),
-    ("dataset", pa.string()),
-    ("metric", pa.string()),
-    ("value", pa.float64()),  # NaN when the metric failed on this image (see error)
-    ("model_version", pa.string()),
-    ("rtm_version", pa.string()),
-    ("runtime_s", pa.float64()),  # upscaling seconds of the image (pipeline manifest), NaN if unknown
-    ("metric_s", pa.float64()),  # seconds this metric took on this image
-    ("sr_path", pa.string()),
-    ("hr_path", pa.string()),
-    ("lr_path", pa.string()),
-    ("error", pa.string()),
-    ("iqa_version", pa.string()),  # pyiqa version that scored it
-])
+__all__ = ["RESULT_SCHEMA", "SUMMARY_SCHEMA", "conform", "read_table", "summarize", "write_run"]
 
 SUMMARY_SCHEMA = pa.schema([
     ("dataset", pa.string()),
+    ("method", pa.string()),  # who made the SR images: "patchscaler", "bicubic", `evaluate --method`
     ("metric", pa.string()),
     ("mean", pa.float64()),
     ("std", pa.float64()),
@@ -54,16 +42,9 @@ SUMMARY_SCHEMA = pa.schema([
     ("rtm_version", pa.string()),
 ])
 
-HISTORY_SCHEMA = pa.schema([
-    ("run_id", pa.string()),
-    ("timestamp", pa.float64()),  # unix seconds the run finished
-    *SUMMARY_SCHEMA,
-    ("iqa_version", pa.string()),
-])
-
 SCORES_FILE = "scores.parquet"
 SUMMARY_FILE = "summary.parquet"
-HISTORY_FILE = "history.parquet"
+SUMMARY_CSV = "summary.csv"
 
 
 def conform(frame: pd.DataFrame, schema: pa.Schema) -> pd.DataFrame:
@@ -72,6 +53,8 @@ def conform(frame: pd.DataFrame, schema: pa.Schema) -> pd.DataFrame:
     for f in schema:
         if f.name not in frame.columns:
             frame[f.name] = "" if pa.types.is_string(f.type) else np.nan
+    if "method" in schema.names:  # tables written before the method column: PatchScaler's outputs
+        frame["method"] = frame["method"].fillna("").replace("", DEFAULT_METHOD)
     table = pa.Table.from_pandas(frame[[f.name for f in schema]], schema=schema, preserve_index=False)
     return table.to_pandas()
 
@@ -85,16 +68,16 @@ def _versions(values: pd.Series) -> str:
 
 
 def summarize(results: pd.DataFrame) -> pd.DataFrame:
-    """Per (dataset, metric): statistics of the finite values, sorted by dataset then metric."""
+    """Per (dataset, method, metric): statistics of the finite values, sorted by those three."""
     rows = []
-    for (dataset, metric), g in results.groupby(["dataset", "metric"], sort=True):
+    for (dataset, method, metric), g in results.groupby(["dataset", "method", "metric"], sort=True):
         values = g["value"].to_numpy(dtype=np.float64)
         finite = values[np.isfinite(values)]
-        per_image = results[results["dataset"] == dataset].drop_duplicates("image_id")["runtime_s"]
-        runtime = per_image.to_numpy(dtype=np.float64)
+        same = results[(results["dataset"] == dataset) & (results["method"] == method)]
+        runtime = same.drop_duplicates("image_id")["runtime_s"].to_numpy(dtype=np.float64)
         runtime = runtime[np.isfinite(runtime)]
         rows.append({
-            "dataset": dataset, "metric": metric,
+            "dataset": dataset, "method": method, "metric": metric,
             "mean": float(finite.mean()) if finite.size else np.nan,
             "std": float(finite.std()) if finite.size else np.nan,
             "count": int(finite.size), "failed": int(values.size - finite.size),
@@ -131,31 +114,14 @@ def new_run_id(timestamp: float) -> str:
     return time.strftime("%Y%m%d-%H%M%S", time.gmtime(timestamp)) + "-" + uuid.uuid4().hex[:6]
 
 
-def append_history(summary: pd.DataFrame, uri: str, *, run_id: str, timestamp: float,
-                   options: dict[str, Any] | None = None) -> pd.DataFrame:
-    """Add ``summary`` as run ``run_id`` to the history at ``uri`` (created if absent; a run id already
-    there is replaced) and return the whole history, oldest run first."""
-    history = read_table(uri, HISTORY_SCHEMA, options)
-    run = summary.assign(run_id=run_id, timestamp=float(timestamp), iqa_version=PYIQA_VERSION)
-    history = pd.concat([history[history["run_id"] != run_id], conform(run, HISTORY_SCHEMA)],
-                        ignore_index=True)
-    history = history.sort_values(["timestamp", "dataset", "metric"], kind="stable").reset_index(drop=True)
-    write_table(history, uri, HISTORY_SCHEMA, options)
-    return history
-
-
-def write_run(results: pd.DataFrame, out: str, *, history: str | None = None, run_id: str | None = None,
-              timestamp: float | None = None, options: dict[str, Any] | None = None
-              ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Write ``scores.parquet`` and ``summary.parquet`` under ``out`` and append the summary to the
-    history (``out/history.parquet`` unless given); returns (summary, history)."""
-    timestamp = time.time() if timestamp is None else timestamp
+def write_run(results: pd.DataFrame, out: str, *, options: dict[str, Any] | None = None) -> pd.DataFrame:
+    """Write ``scores.parquet``, ``summary.parquet`` and ``summary.csv`` under ``out``; returns the
+    summary."""
     summary = summarize(results)
     write_table(results, join(out, SCORES_FILE), RESULT_SCHEMA, options)
     write_table(summary, join(out, SUMMARY_FILE), SUMMARY_SCHEMA, options)
-    hist = append_history(summary, history or join(out, HISTORY_FILE), run_id=run_id or new_run_id(timestamp),
-                          timestamp=timestamp, options=options)
-    return summary, hist
+    write_bytes_atomic(join(out, SUMMARY_CSV), summary.to_csv(index=False).encode(), options or {})
+    return summary
 
 
 def manifest_info(results_root: str, options: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:

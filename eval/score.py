@@ -2,8 +2,8 @@
 
 Input rows (:data:`INPUT_COLUMNS`): ``image_id``, ``dataset``, ``sr`` (URI or encoded bytes of the upscaled
 image), ``hr`` (URI or bytes of the reference, ``""`` when none), ``lr`` (URI of the LR input, for the
-report), ``model_version``, ``rtm_version``, ``runtime_s``. Output rows: one per (image, metric), the
-columns of :data:`eval.results.RESULT_SCHEMA`.
+report), ``model_version``, ``rtm_version``, ``runtime_s``, ``method`` (who made ``sr``; ``""``: PatchScaler).
+Output rows: one per (image, metric), the columns of :data:`eval.results.RESULT_SCHEMA`.
 
 :func:`score_dataset` is the only place that sets the stage's resources: the actor pool size and
 ``num_gpus`` (a fraction of a GPU per actor when the cluster has GPUs: the metric models are small, so
@@ -24,12 +24,14 @@ import pyarrow as pa
 import torch
 
 from eval.datasets import decode_image
-from eval.metrics import PYIQA_VERSION, MetricScorer, check_weights, resolve_cache_dir
+from eval.metrics import MetricScorer, check_weights, get_spec, installed_version, resolve_cache_dir
 from eval.results import RESULT_SCHEMA, results_frame
 from pipeline import schema as S
 from pipeline.io import read_bytes
+from pipeline.scores import DEFAULT_METHOD
 
-INPUT_COLUMNS = ("image_id", "dataset", "sr", "hr", "lr", "model_version", "rtm_version", "runtime_s")
+INPUT_COLUMNS = ("image_id", "dataset", "sr", "hr", "lr", "model_version", "rtm_version", "runtime_s",
+                 "method")
 DEFAULT_GPU_FRACTION = 0.25
 
 
@@ -45,6 +47,11 @@ class ScoreConfig:
     cpus_per_actor: float | None = None  # None: 1 (in upscale-dataset: the share of its model actors)
     batch_size: int = 4  # images per call
     storage_options: dict[str, Any] = field(default_factory=dict)
+    size_slack: int = 3  # px per side SR and HR may differ (scale - 1); more is an error on the image
+    reference_metrics: tuple[str, ...] = field(init=False)  # those of `metrics` that need an HR image
+
+    def __post_init__(self) -> None:
+        self.reference_metrics = tuple(m for m in self.metrics if get_spec(m).needs_reference)
 
 
 def _load(value: Any, options: dict[str, Any]) -> torch.Tensor | None:
@@ -64,10 +71,11 @@ class ScoreStage:
     """Ray Data callable class: builds the metric models once per actor, scores batches of images."""
 
     def __init__(self, *, metrics: tuple[str, ...], cache_dir: str, device: str, seed: int, crop_border: int,
-                 storage_options: dict[str, Any]) -> None:
+                 storage_options: dict[str, Any], size_slack: int = 3) -> None:
         self.scorer = MetricScorer(metrics=metrics, cache_dir=cache_dir, device=device, seed=seed,
-                                   crop_border=crop_border)
+                                   crop_border=crop_border, size_slack=size_slack)
         self.storage_options = storage_options
+        self.iqa_version = installed_version("pyiqa")
 
     def score_row(self, row: dict[str, Any]) -> list[dict[str, Any]]:
         base = {
@@ -75,7 +83,8 @@ class ScoreStage:
             "model_version": _text(row.get("model_version")), "rtm_version": _text(row.get("rtm_version")),
             "runtime_s": float(row.get("runtime_s", math.nan)),
             "sr_path": _text(row.get("sr_path")) or _text(row.get("sr")),
-            "hr_path": _text(row.get("hr")), "lr_path": _text(row.get("lr")), "iqa_version": PYIQA_VERSION,
+            "hr_path": _text(row.get("hr")), "lr_path": _text(row.get("lr")), "iqa_version": self.iqa_version,
+            "method": _text(row.get("method")) or DEFAULT_METHOD,
         }
         try:
             sr = _load(row["sr"], self.storage_options)
@@ -158,7 +167,7 @@ def score_dataset(ds: Any, config: ScoreConfig) -> Any:
         num_cpus=res["num_cpus"], num_gpus=res["num_gpus"],
         fn_constructor_kwargs={"metrics": tuple(config.metrics), "cache_dir": cache, "device": res["device"],
                                "seed": config.seed, "crop_border": config.crop_border,
-                               "storage_options": config.storage_options},
+                               "storage_options": config.storage_options, "size_slack": config.size_slack},
     )
 
 

@@ -31,12 +31,15 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "build-rtm": ("jobs.build_rtm", "build (or extend) a Reference Texture Memory from texture sources"),
     "evaluate": ("jobs.evaluate", "score upscaled images with IQA metrics (pyiqa) and write a report"),
     "benchmark": ("jobs.benchmark", "upscale + score + report evaluation sets, appending to a history"),
+    "history": ("jobs.history", "print the benchmark history as a Markdown or CSV table"),
 }
 
 EXIT_CODES = """exit codes:
   0    done, every image ok (or nothing left to do)
   1    some images failed (listed at the end of the run and in the manifest)
   2    usage or configuration error (one line on stderr; nothing was started)
+  3    benchmark/evaluate --fail-on-regression: a metric got worse than the baseline run by more than its
+       tolerance (one JSON line on stdout lists them; takes precedence over 1)
   130  interrupted (Ctrl-C); finished images are recorded, run the same command to resume"""
 
 

@@ -45,7 +45,7 @@ ERROR = "error"  # str: a Patch-DiT failure for this patch, "" when fine
 # scoring pool, which replaces them with one:
 ENCODED = "encoded"  # bytes: the written output file, b"" for error rows
 EVAL = "eval"  # JSON: the image's scoring info, meta["eval"] (image id, dataset, hr, lr)
-IQA = "iqa_scores"  # JSON list: the image's score rows (eval.results.RESULT_SCHEMA), "[]" for error rows
+IQA = "iqa_scores"  # JSON list: the image's score rows (pipeline.scores.RESULT_SCHEMA), "[]" for error rows
 
 IMAGE_ROW = -1  # patch_index and group of an image row
 

@@ -4,7 +4,7 @@ With ``--score METRICS`` a scoring pool (``eval.score.PipelineScoreStage``) foll
 finished image comes back to the driver with its score rows, which are recorded next to its manifest row:
 
 - ``OUTPUT/_scores/part-<run>-<n>.parquet``: the score rows of the images of manifest part
-  ``_manifest/part-<run>-<n>.parquet`` (:data:`PART_SCHEMA`: ``eval.results.RESULT_SCHEMA`` plus the
+  ``_manifest/part-<run>-<n>.parquet`` (:data:`PART_SCHEMA`: :data:`RESULT_SCHEMA` plus the
   image's manifest ``id`` and ``finished_at``, which tie a score row to the manifest row it belongs to);
 - ``OUTPUT/scores.parquet`` (``RESULT_SCHEMA``): rewritten at the end of every run with the score rows of
   the latest ``ok`` manifest row of every input. A skipped (finished) image keeps the scores of the run
@@ -13,6 +13,10 @@ finished image comes back to the driver with its score rows, which are recorded 
 For resume, an image of a scoring run is finished only when its latest manifest row also has a score row
 for every metric it should get (the no-reference ones, and the full-reference ones when it has an HR
 image): an output made by a run without ``--score`` (or with fewer metrics) is redone and scored.
+
+The score rows' schema (:data:`RESULT_SCHEMA`) and the image key of an input (:func:`split_key`) live here,
+in the pipeline that writes them; ``eval/`` imports them from here (the arrow points down: nothing under
+``pipeline/`` imports ``eval/``). The scoring stage itself comes from ``eval/`` through ``cfg.score``.
 
 With ``--maps`` the GRM stage writes each image's group map to ``OUTPUT/_maps/<output path without
 extension>.png`` (:func:`map_uri`), which ``eval`` finds and draws over the image in its report.
@@ -23,20 +27,46 @@ from __future__ import annotations
 import io
 import json
 import posixpath
-from typing import Any
+import re
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from eval.datasets import split_key
-from eval.metrics import get_spec
-from eval.results import RESULT_SCHEMA, write_table
 from pipeline import schema as S
-from pipeline.build import PipelineConfig
 from pipeline.io import MAPS_DIR, SCORES_DIR, filesystem, join, normalize_root, relative, write_bytes_atomic
 
+if TYPE_CHECKING:
+    from pipeline.build import PipelineConfig
+
 SCORES_FILE = "scores.parquet"
+DEFAULT_METHOD = "patchscaler"  # the `method` of the pipeline's own outputs
+# one row per (image, metric): scores.parquet, the _scores parts, the rows of the scoring stage
+RESULT_SCHEMA = pa.schema([
+    ("image_id", pa.string()),
+    ("dataset", pa.string()),
+    ("metric", pa.string()),
+    ("value", pa.float64()),  # NaN when the metric failed on this image (see error)
+    ("model_version", pa.string()),
+    ("rtm_version", pa.string()),
+    ("runtime_s", pa.float64()),  # upscaling seconds of the image (pipeline manifest), NaN if unknown
+    ("metric_s", pa.float64()),  # seconds this metric took on this image
+    ("sr_path", pa.string()),
+    ("hr_path", pa.string()),
+    ("lr_path", pa.string()),
+    ("error", pa.string()),
+    ("iqa_version", pa.string()),  # pyiqa version that scored it (installed, importlib.metadata)
+    ("method", pa.string()),  # who made the SR image: "patchscaler", "bicubic", `evaluate --method NAME`
+])
+_LR_SUFFIX = re.compile(r"_LR(\d+)$", re.IGNORECASE)
+
+
+def split_key(rel: str) -> tuple[str, int | None]:
+    """``Canon/Canon_001_LR4.png`` -> (``Canon/Canon_001``, 4); ``a/b.png`` -> (``a/b``, None)."""
+    stem = posixpath.splitext(rel)[0]
+    m = _LR_SUFFIX.search(stem)
+    return (stem[: m.start()], int(m.group(1))) if m else (stem, None)
 PART_SCHEMA = pa.schema([*RESULT_SCHEMA, ("id", pa.string()), ("finished_at", pa.float64())])
 
 
@@ -59,7 +89,7 @@ def required_metrics(cfg: PipelineConfig, info: dict[str, str]) -> set[str]:
     """The metrics an image gets: the no-reference ones, and the full-reference ones when it has an HR."""
     if cfg.score is None:
         return set()
-    return {m for m in cfg.score.metrics if not get_spec(m).needs_reference or info["hr"]}
+    return {m for m in cfg.score.metrics if m not in cfg.score.reference_metrics or info["hr"]}
 
 
 def rows_of(manifest_row: dict[str, Any]) -> list[dict[str, Any]]:
@@ -108,5 +138,9 @@ def consolidate(output: str, latest: pd.DataFrame, options: dict[str, Any]) -> p
     row of ``latest`` (the consolidated manifest); returns them."""
     rows = of_latest(read_parts(output, options), latest)
     rows = rows.sort_values(["dataset", "image_id", "metric"], kind="stable").reset_index(drop=True)
-    write_table(rows, join(output, SCORES_FILE), RESULT_SCHEMA, options)
+    rows["method"] = rows["method"].fillna("").replace("", DEFAULT_METHOD)
+    buf = io.BytesIO()
+    table = pa.Table.from_pandas(rows[RESULT_SCHEMA.names], schema=RESULT_SCHEMA, preserve_index=False)
+    pq.write_table(table, buf)
+    write_bytes_atomic(join(output, SCORES_FILE), buf.getvalue(), options)
     return rows

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
+# The benchmark history defaults to $PATCHSCALER_HOME (eval/history.py): never the user's in a test.
+os.environ["PATCHSCALER_HOME"] = tempfile.mkdtemp(prefix="patchscaler-home-")
 # Idle OpenMP threads spin by default; with Ray workers beside the tests on 2 cores that costs minutes.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 

@@ -3,6 +3,7 @@ resume rules; `patchscaler benchmark` (upscale + score + report) twice into one 
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from types import SimpleNamespace
@@ -17,8 +18,9 @@ from PIL import Image
 from pipeline_data import im, make_assets
 
 from eval.datasets import load_image, save_png
-from eval.metrics import MetricScorer
-from eval.results import HISTORY_SCHEMA, RESULT_SCHEMA
+from eval.history import HISTORY_SCHEMA
+from eval.metrics import MetricScorer, installed_version
+from eval.results import RESULT_SCHEMA
 from jobs.cli import build_parser, main
 from patchscaler.upscaler import group_map, plan_patches, restore
 from patchscaler.weights import load_checkpoint
@@ -70,7 +72,7 @@ def test_upscale_dataset_scores_and_maps_in_one_pass(ray_session, assets, tmp_pa
     assert sorted(zip(scores["image_id"], scores["metric"], strict=True)) == [
         ("a", "piqe"), ("a", "psnr"), ("b", "piqe"), ("sub/c", "piqe"), ("sub/c", "psnr")]  # none: corrupt
     assert (scores["error"] == "").all() and np.isfinite(scores["value"]).all()
-    assert set(scores["dataset"]) == {"in"} and set(scores["iqa_version"]) == {"0.1.16"}
+    assert set(scores["dataset"]) == {"in"} and set(scores["iqa_version"]) == {installed_version("pyiqa")}
     scorer = MetricScorer(metrics=["piqe", "psnr"], cache_dir=str(cache), crop_border=4)
     hr_of = {"a": str(hr / "a_HR.png"), "sub/c": str(hr / "c.png")}
     for r in scores.itertuples():
@@ -118,40 +120,86 @@ def test_score_records_follow_the_latest_manifest_row(tmp_path: Path) -> None:
     assert Q.map_uri(out, str(tmp_path / "a" / "b.jpg")) == str(tmp_path / "_maps" / "a" / "b.png")
 
 
-def test_benchmark_twice_builds_a_history_and_a_report(ray_session, assets, tmp_path: Path) -> None:
+def test_benchmark_nightly_gate_history_and_report(ray_session, assets, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """As cron runs it: night-0 upscales and scores; night-1 (an interrupted night resumed, with a
+    measured bicubic baseline) is clean and passes the gate; night-2 scores perturbed outputs of the same
+    set into the same history (`evaluate`), and the gate fails with exit 3 naming the metric and image."""
     data = tmp_path / "tiny-set"  # the paired layout: LR/ and HR/ with the same names
     for name in ("a.png", "b.png"):
         (data / "LR").mkdir(parents=True, exist_ok=True)
         Image.open(assets.inputs / name).save(data / "LR" / name)
         save_png(bicubic_x4(data / "LR" / name), data / "HR" / name)
-    out = tmp_path / "bench"
+    out, history = tmp_path / "bench", tmp_path / "state" / "history.parquet"
     argv = ["benchmark", "--dataset", f"tiny={data}", "--out", str(out), *assets.model, *FAST,
-            "--metrics", "psnr,ssim,piqe", "--metric-cache", str(tmp_path / "cache")]
+            "--metrics", "psnr,ssim,piqe", "--metric-cache", str(tmp_path / "cache"),
+            "--history", str(history), "--fail-on-regression", "--tolerance", "psnr=0.05"]
     assert build_parser("benchmark").parse_args(argv).overwrite  # a night redoes every image by default
-    assert main([*argv, "--run-id", "night-0"]) == 0
+    assert main([*argv, "--expect", "tiny=3"]) == 2  # the set has 2 images: nothing starts
+    assert not out.exists()
+    capsys.readouterr()
+    assert main([*argv, "--run-id", "night-0", "--expect", "tiny=2"]) == 0
     first = pd.read_parquet(out / "scores.parquet")
     manifest = read_manifest(str(out / "results" / "tiny"))
-    # the second night resumes into the same --out (an interrupted night): nothing is upscaled again and
-    # the finished images keep their scores (one Ray execution in this test, to keep CI short)
-    assert main([*argv, "--run-id", "night-1", "--resume"]) == 0
+    printed = capsys.readouterr().out
+    assert "tiny: 2 images, 2 with HR, 0 without" in printed
+    assert json.loads(printed.splitlines()[-1]) == {"gate": "pass", "run_id": "night-0", "baseline_run": None,
+                                                     "compared": 0, "regressions": []}
+    # night-1 resumes into the same --out (nothing is upscaled again, the finished images keep their
+    # scores) and measures bicubic in the same run: clean, the gate passes
+    assert main([*argv, "--run-id", "night-1", "--resume", "--baseline", "bicubic"]) == 0
+    gate = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert gate["gate"] == "pass" and gate["baseline_run"] == "night-0" and gate["compared"] == 3
     assert read_manifest(str(out / "results" / "tiny"))["finished_at"].equals(manifest["finished_at"])
 
-    history = pd.read_parquet(out / "history.parquet")
-    assert pq.read_schema(out / "history.parquet").remove_metadata() == HISTORY_SCHEMA
-    assert list(history.drop_duplicates("run_id")["run_id"]) == ["night-0", "night-1"]
-    assert sorted(history.loc[history["run_id"] == "night-1", "metric"]) == ["piqe", "psnr", "ssim"]
-    assert (history["count"] == 2).all() and (history["failed"] == 0).all()
-    means = history.pivot(index="metric", columns="run_id", values="mean")
-    assert means["night-0"].equals(means["night-1"]) and means.notna().all().all()
+    hist = pd.read_parquet(history)
+    assert pq.read_schema(history).remove_metadata() == HISTORY_SCHEMA
+    assert list(hist.drop_duplicates("run_id")["run_id"]) == ["night-0", "night-1"]
+    night1 = hist[hist["run_id"] == "night-1"]
+    assert sorted(zip(night1["method"], night1["metric"], strict=True)) == [
+        ("bicubic", "piqe"), ("bicubic", "psnr"), ("bicubic", "ssim"),
+        ("patchscaler", "piqe"), ("patchscaler", "psnr"), ("patchscaler", "ssim")]
+    assert (hist["count"] == 2).all() and (hist["failed"] == 0).all()
+    ours = hist[hist["method"] == "patchscaler"].pivot(index="metric", columns="run_id", values="mean")
+    assert ours["night-0"].equals(ours["night-1"]) and ours.notna().all().all()
+    bicubic = night1[night1["method"] == "bicubic"].set_index("metric")
+    assert bicubic.loc["psnr", "mean"] > 60  # the HR images are the bicubic upscales of the LR images
+    assert set(hist["iqa_version"]) == {installed_version("pyiqa")} and set(hist["device"]) == {"cpu"}
+    assert set(hist["weights_uri"]) == {assets.weights} and len(hist["weights_sha256"].iloc[0]) == 64
+    assert hist["dataset_fingerprint"].nunique() == 1 and (hist["dataset_images"] == 2).all()
+    assert (hist["crop_border"] == 4).all() and (hist["seed"] == 0).all() and (hist["date"] != "").all()
     scores = pd.read_parquet(out / "scores.parquet")
-    assert scores.equals(first)
-    assert len(scores) == 2 * 3 and set(scores["image_id"]) == {"a", "b"}
-    assert all(p.endswith(f"HR/{i}.png") for i, p in zip(scores["image_id"], scores["hr_path"], strict=True))
+    assert scores[scores["method"] == "patchscaler"].reset_index(drop=True).equals(first)
+    assert all(p.endswith(f"HR/{i}.png") for i, p in zip(first["image_id"], first["hr_path"], strict=True))
+    assert (out / "summary.csv").read_text().startswith("dataset,method,metric,mean")
 
     page = (out / "report.html").read_text()
     assert page.startswith("<!DOCTYPE html>") and "Trend over 2 run(s)" in page
+    assert "Worst 5 images per set and metric" in page and "Regression gate" in page
     pngs = re.findall(r"src='([^']+)'", page)
     assert {"trend.png", "crops_000.png", "groups_000.png"} <= set(pngs)  # the group map over the image
     for name in pngs:
         with Image.open(out / name) as png:
             png.verify()
+
+    # night-2: the same outputs, one of them perturbed, scored into the same history: the gate trips
+    perturbed = tmp_path / "perturbed"
+    for image_id, sr_path, hr_path in zip(first["image_id"], first["sr_path"], first["hr_path"], strict=True):
+        sr = load_image(sr_path)
+        if image_id == "a":  # twice as far from its HR image
+            sr = (2 * sr - load_image(hr_path)).clamp(0, 1)
+        save_png(sr, perturbed / f"{image_id}_out.png")  # (written once per metric row: the same image)
+    capsys.readouterr()
+    code = main(["evaluate", "--results", str(perturbed), "--suffix", "_out", "--dataset", f"tiny={data}",
+                 "--metrics", "psnr,ssim", "--metric-cache", str(tmp_path / "cache"), "--out",
+                 str(tmp_path / "night-2"), "--history", str(history), "--run-id", "night-2",
+                 "--fail-on-regression", "--baseline-run", "night-0", "--no-report"])
+    assert code == 3
+    gate = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert gate["gate"] == "regression" and gate["baseline_run"] == "night-0"
+    worse = {g["metric"]: g for g in gate["regressions"]}
+    assert "psnr" in worse and set(worse) <= {"psnr", "ssim"}
+    assert worse["psnr"]["set"] == "tiny" and worse["psnr"]["method"] == "patchscaler"
+    assert worse["psnr"]["delta"] < -0.1 and worse["psnr"]["tolerance"] == 0.1  # the default
+    assert worse["psnr"]["images"][0]["image_id"] == "a"  # the perturbed image moved most
+    assert [i["image_id"] for i in worse["psnr"]["images"]] == ["a"]  # b did not move

@@ -27,8 +27,9 @@ from eval.datasets import (
     match_results,
     save_png,
 )
+from eval.history import HISTORY_SCHEMA
 from eval.metrics import CACHE_ENV, METRICS, MetricScorer, MissingWeightsError, file_sha256, resolve_cache_dir
-from eval.results import HISTORY_SCHEMA, RESULT_SCHEMA, SUMMARY_SCHEMA
+from eval.results import RESULT_SCHEMA, SUMMARY_SCHEMA
 from jobs.checks import UsageError
 
 
@@ -352,7 +353,8 @@ def two_runs(ray_session, realsr_tree: Path, tmp_path_factory: pytest.TempPathFa
     for n, results in enumerate((run1, run2)):
         codes.append(evaluate_job.run(_job_args([
             "--results", str(results), "--dataset", f"realsr={realsr_tree}", "--metrics", "psnr,ssim,piqe",
-            "--out", str(out), "--metric-cache", str(base / "empty-cache"), "--run-id", f"night-{n}"])))
+            "--out", str(out), "--metric-cache", str(base / "empty-cache"), "--run-id", f"night-{n}",
+            "--history", str(out / "history.parquet")])))
     return {"out": out, "codes": codes, "run1": run1}
 
 
