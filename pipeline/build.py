@@ -132,6 +132,7 @@ class Graph:
     dit: dict[int, int]  # Patch-DiT actors per group (pools), {None: n} (fused), {} (single)
     sampling: str
     ledger: Any = None  # the execution's pipeline.faults.Ledger (set by the runner), or None
+    todo: int = 0  # images of the execution
 
     def describe(self) -> str:
         pools = ", ".join(f"{name} {p.actors}" for name, p in self.plan.pools.items())
@@ -213,14 +214,14 @@ def plan_graph(cfg: PipelineConfig, nodes: list[Node], *, layout: str, todo: int
         n = cfg.actors or single_actors(nodes, device=cfg.device, blocks=math.ceil(todo / cfg.grm_batch))
         batch = max(1, min(cfg.grm_batch, math.ceil(todo / n)))
         plan = plan_resources(nodes, {"image": n, **scorers}, tasks=0, **common)
-        return Graph(layout, plan, batch, {}, cfg.sampling(layout, fused_ok))
+        return Graph(layout, plan, batch, {}, cfg.sampling(layout, fused_ok), todo=todo)
     grm, assemble, dit = light_and_dit(cfg, nodes, layout)
     sizes: dict[Any, int] = {None: dit} if layout == "fused" else pool_sizes(cfg, dit, counts, steps)
     names = {None: "dit"} | dict(enumerate(GROUP_POOLS))
     pools = {"grm": grm, **{names[g]: k for g, k in sizes.items()}, "assemble": assemble, **scorers}
     cap = max(1, min(cfg.decode_tasks or todo, todo))  # no more tasks than images
     plan = plan_resources(nodes, pools, tasks=cap, **common)
-    return Graph(layout, plan, cfg.grm_batch, sizes, cfg.sampling(layout))
+    return Graph(layout, plan, cfg.grm_batch, sizes, cfg.sampling(layout), todo=todo)
 
 
 def _guarded(graph: Graph, cfg: PipelineConfig, stage: type, kwargs: dict[str, Any], name: str
@@ -233,6 +234,15 @@ def _guarded(graph: Graph, cfg: PipelineConfig, stage: type, kwargs: dict[str, A
 
     return {"fn": Guarded, "fn_constructor_kwargs": {"stage": stage, "kwargs": kwargs, "ledger": graph.ledger,
                                                      "limit": cfg.image_deaths, "name": name}}
+
+
+def _task_fn(graph: Graph, cfg: PipelineConfig, stage: type, kwargs: dict[str, Any], name: str) -> Any:
+    """The callable of a task stage: ``stage(**kwargs)``, behind the ledger when there is one."""
+    if graph.ledger is None:
+        return stage(**kwargs)
+    from pipeline.faults import Guarded
+
+    return Guarded(stage=stage, kwargs=kwargs, ledger=graph.ledger, limit=cfg.image_deaths, name=name)
 
 
 def _actor_args(pool: Any, size: int | None = None) -> dict[str, Any]:
@@ -270,9 +280,11 @@ def pipeline_dataset(cfg: PipelineConfig, items: list[dict[str, str]], graph: Gr
     from pipeline.stages import AssembleStage, DecodeStage, GRMStage, PatchDiTStage, ReadStage
 
     tasks = {"compute": TaskPoolStrategy(size=graph.plan.tasks), "num_cpus": graph.plan.task_cpus}
-    ds = ds.map_batches(ReadStage(storage_options=cfg.storage_options), batch_size=1, batch_format="numpy",
+    read = {"storage_options": cfg.storage_options}
+    ds = ds.map_batches(_task_fn(graph, cfg, ReadStage, read, "read"), batch_size=1, batch_format="numpy",
                         **tasks)
-    ds = ds.map_batches(DecodeStage(max_pixels=cfg.max_pixels), batch_size=1, batch_format="numpy", **tasks)
+    ds = ds.map_batches(_task_fn(graph, cfg, DecodeStage, {"max_pixels": cfg.max_pixels}, "decode"),
+                        batch_size=1, batch_format="numpy", **tasks)
     ds = ds.map_batches(
         batch_size=graph.batch, batch_format="numpy", **_actor_args(pools["grm"]),
         **_guarded(graph, cfg, GRMStage, {**model_args, "rtm": rtm, "seed": cfg.seed, "mode": cfg.mode,
@@ -338,7 +350,8 @@ def failure_policy(cfg: PipelineConfig, *, todo: int, batch: int) -> Iterator[No
     old = {name: getattr(ctx, name) for name in names}
     ctx.max_errored_blocks = max(2, math.ceil(ERRORED_SHARE * todo / max(1, batch)))
     ctx.max_consecutive_actor_init_deaths = ACTOR_INIT_DEATHS
-    ctx.execution_no_progress_timeout_s = cfg.stall_minutes * 60 if cfg.stall_minutes > 0 else -1
+    # Ray Data's watchdog ends a stalled execution a minute after the driver's (``--stall-minutes``)
+    ctx.execution_no_progress_timeout_s = cfg.stall_minutes * 60 + 60 if cfg.stall_minutes > 0 else -1
     try:
         yield
     finally:
@@ -350,7 +363,7 @@ def iter_manifest_rows(cfg: PipelineConfig, items: list[dict[str, str]], graph: 
                        rtm: SharedRTM) -> Iterator[dict[str, Any]]:
     """Run the graph over ``items``, yielding each image's manifest row as soon as it is written (with
     its score rows as JSON in ``schema.IQA`` when scoring). Closing the generator ends the execution."""
-    with unsplit_blocks(), failure_policy(cfg, todo=len(items), batch=graph.batch):
+    with unsplit_blocks(), failure_policy(cfg, todo=graph.todo, batch=graph.batch):
         ds = pipeline_dataset(cfg, items, graph, model, rtm)
     # prefetch_batches=0: with the default of 1 a block is handed over only once the next one has
     # arrived, so every row reached the driver (and the manifest) one model call late

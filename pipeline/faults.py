@@ -31,6 +31,10 @@ Batch = dict[str, np.ndarray]
 CRASH_STAGE = "crashed"
 
 
+class KilledItsWorker(RuntimeError):
+    """The error of an image that was in flight in ``limit`` worker deaths."""
+
+
 class Ledger:
     """In-flight counts per (stage, image): how many attempts began and did not end."""
 
@@ -68,7 +72,7 @@ def condemn(batch: Batch, rows: np.ndarray, deaths: int) -> Batch:
     """Mark the images of ``rows`` as errors: their meta (image rows) and their patch rows' error."""
     if not len(rows):
         return batch
-    error = RuntimeError(f"the image was in flight in {deaths} actor deaths (a crash or out of memory); "
+    error = KilledItsWorker(f"the image was in flight in {deaths} worker deaths (a crash or out of memory); "
                          "not run again")
     out = dict(batch)
     if S.META in batch:
