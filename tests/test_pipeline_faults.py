@@ -14,7 +14,6 @@ from pipeline.build import PipelineConfig
 from pipeline.runner import read_manifest, run_pipeline
 
 NAMES = ["rgb_24x32.png", "rgb_48x40.png", "rgba.png", "grey.png", "sub/nested.png", "cmyk.jpg"]
-REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
