@@ -6,7 +6,7 @@ stalled job stopped.
 It runs in a separate Python process: the test session already holds one Ray instance
 (``ray_session``), and a driver connects to one cluster at a time. The faults are injected by a
 ``worker_process_setup_hook`` of this test's Ray job, which wraps ``DecodeStage.__call__`` in every worker
-process (the package itself has no such hook): decoding sleeps ``DELAY`` s and logs its start, end and
+process (the package itself has no such hook): decoding sleeps 4 s (S3) or 1 s and logs its start, end and
 node; a source named ``poison*`` kills the process (``os._exit``); one named ``hang*`` sleeps for an hour.
 """
 
@@ -34,7 +34,7 @@ SCRIPT = textwrap.dedent("""
     from ray.cluster_utils import Cluster
 
     cfg = json.loads(sys.argv[1])
-    LOG, DELAY = cfg["log"], 1.0
+    LOG = cfg["log"]
     MB = 1024 * 1024
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 1, "object_store_memory": 150 * MB, "include_dashboard": False})
@@ -54,7 +54,7 @@ SCRIPT = textwrap.dedent("""
             if any(os.path.basename(s).startswith("hang") for s in sources):
                 time.sleep(3600)
             start = time.time()
-            time.sleep(DELAY)
+            time.sleep(4.0 if sources[0].startswith("s3://") else 1.0)  # S3: long enough to overlap
             out = decode(self, batch)
             node = ray.get_runtime_context().get_node_id()
             with open(os.path.join(LOG, f"{os.getpid()}-{start:.6f}"), "w") as f:
@@ -82,7 +82,7 @@ SCRIPT = textwrap.dedent("""
     # 2. S3 in and out, the pools layout: read/decode tasks, and a poison image
     result["s3"] = job("--input", cfg["s3_in"], "--output", cfg["s3_out"], "--s3-endpoint", cfg["endpoint"],
                        *model, "--fused", "--dit-actors", "1", "--cpus-per-actor", "0.5", "--grm-batch", "2")
-    decodes = [json.load(open(os.path.join(LOG, f))) for f in os.listdir(LOG)]
+    decodes = [json.load(open(os.path.join(LOG, f))) for f in os.listdir(LOG)]  # job 2's
     result["decodes"] = decodes
     for f in os.listdir(LOG):
         os.remove(os.path.join(LOG, f))
@@ -103,7 +103,7 @@ SCRIPT = textwrap.dedent("""
     remover = threading.Thread(target=remove_a_worker, daemon=True)
     remover.start()
     result["removal"] = job("--input", cfg["local_in"], "--output", cfg["local_out"], *model, "--shared-fs",
-                            "--layout", "single", "--actors", "3", "--cpus-per-actor", "1",
+                            "--layout", "single", "--actors", "2", "--cpus-per-actor", "1",
                             "--grm-batch", "1")
     remover.join()
     result["removed"] = len(removed)
@@ -118,7 +118,7 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(1800)  # about N s alone on an idle 2-core machine; room for a loaded one
 def test_cluster_storage_scaling_and_faults(tmp_path: Path) -> None:
     import boto3
 
@@ -129,7 +129,7 @@ def test_cluster_storage_scaling_and_faults(tmp_path: Path) -> None:
         (local_in / name).write_bytes((tmp_path / "all" / name).read_bytes())
     weights, rtm = make_assets(tmp_path, local_in, NAMES)
     (tmp_path / "log").mkdir()
-    s3_names = [f"img{i:02d}_{name.replace('/', '_')}" for i in range(2) for name in NAMES] + ["poison.png"]
+    s3_names = [f"img_{name.replace('/', '_')}" for name in NAMES] + ["poison.png"]
     with moto_s3("cluster") as endpoint:
         s3 = boto3.client("s3", endpoint_url=endpoint)
         for name in s3_names:
@@ -143,7 +143,7 @@ def test_cluster_storage_scaling_and_faults(tmp_path: Path) -> None:
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 start_new_session=True)
         try:
-            stdout, stderr = proc.communicate(timeout=800)
+            stdout, stderr = proc.communicate(timeout=1700)
         finally:
             with_cluster_gone(proc)
         lines = [x for x in stdout.splitlines() if x.startswith("RESULT ")]
