@@ -6,8 +6,10 @@ stalled job stopped.
 It runs in a separate Python process: the test session already holds one Ray instance
 (``ray_session``), and a driver connects to one cluster at a time. The faults are injected by a
 ``worker_process_setup_hook`` of this test's Ray job, which wraps ``DecodeStage.__call__`` in every worker
-process (the package itself has no such hook): decoding sleeps 4 s (S3) or 1 s and logs its start, end and
-node; a source named ``poison*`` kills the process (``os._exit``); one named ``hang*`` sleeps for an hour.
+process (the package itself has no such hook): decoding takes a second and logs its start, end and node;
+on S3 (job 2) it first waits until five decodes have started or two minutes have passed, so that the
+log shows how many ran at once however slowly worker processes start; a source named ``poison*`` kills
+the process (``os._exit``); one named ``hang*`` sleeps for an hour.
 """
 
 from __future__ import annotations
@@ -54,10 +56,15 @@ SCRIPT = textwrap.dedent("""
             if any(os.path.basename(s).startswith("hang") for s in sources):
                 time.sleep(3600)
             start = time.time()
-            time.sleep(4.0 if sources[0].startswith("s3://") else 1.0)  # S3: long enough to overlap
+            if sources[0].startswith("s3://"):  # job 2: wait (at most 2 minutes) for 5 decodes at once
+                open(os.path.join(LOG, f"started-{os.getpid()}-{start:.6f}"), "w").close()
+                while (time.time() - start < 120
+                       and sum(f.startswith("started-") for f in os.listdir(LOG)) < 5):
+                    time.sleep(0.2)
+            time.sleep(1.0)
             out = decode(self, batch)
             node = ray.get_runtime_context().get_node_id()
-            with open(os.path.join(LOG, f"{os.getpid()}-{start:.6f}"), "w") as f:
+            with open(os.path.join(LOG, f"ended-{os.getpid()}-{start:.6f}"), "w") as f:
                 f.write(json.dumps([start, time.time(), node]))
             return out
 
@@ -82,17 +89,17 @@ SCRIPT = textwrap.dedent("""
     # 2. S3 in and out, the pools layout: read/decode tasks, and a poison image
     result["s3"] = job("--input", cfg["s3_in"], "--output", cfg["s3_out"], "--s3-endpoint", cfg["endpoint"],
                        *model, "--fused", "--dit-actors", "1", "--cpus-per-actor", "0.5", "--grm-batch", "2")
-    decodes = [json.load(open(os.path.join(LOG, f))) for f in os.listdir(LOG)]  # job 2's
+    decodes = [json.load(open(os.path.join(LOG, f))) for f in os.listdir(LOG) if f.startswith("ended-")]
     result["decodes"] = decodes
     for f in os.listdir(LOG):
         os.remove(os.path.join(LOG, f))
     # 3. the single layout on a shared folder; a worker node that decoded an image is removed mid-job
-    removed = []
+    removed, finished = [], threading.Event()
 
     def remove_a_worker():
-        deadline = time.time() + 120
-        while time.time() < deadline and not removed:
-            nodes = {json.load(open(os.path.join(LOG, f)))[2] for f in os.listdir(LOG)}
+        while not finished.is_set() and not removed:
+            nodes = {json.load(open(os.path.join(LOG, f)))[2] for f in os.listdir(LOG)
+                     if f.startswith("ended-")}
             for w in workers:
                 if w.node_id in nodes:
                     cluster.remove_node(w)
@@ -105,6 +112,7 @@ SCRIPT = textwrap.dedent("""
     result["removal"] = job("--input", cfg["local_in"], "--output", cfg["local_out"], *model, "--shared-fs",
                             "--layout", "single", "--actors", "2", "--cpus-per-actor", "1",
                             "--grm-batch", "1")
+    finished.set()
     remover.join()
     result["removed"] = len(removed)
     result["nodes_after"] = sum(n["Alive"] for n in ray.nodes())
