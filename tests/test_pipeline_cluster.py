@@ -50,7 +50,8 @@ SCRIPT = textwrap.dedent("""
         decode = stages.DecodeStage.__call__
 
         def call(self, batch):
-            sources = [S.load_meta(m)["source"] for m in batch[S.META]]
+            metas = [S.load_meta(m) for m in batch[S.META]]  # not the images already failed
+            sources = [m["source"] for m in metas if m["status"] == S.STATUS_OK] or [""]
             if any(os.path.basename(s).startswith("poison") for s in sources):
                 os._exit(1)
             if any(os.path.basename(s).startswith("hang") for s in sources):
