@@ -7,7 +7,7 @@ It runs in a separate Python process: the test session already holds one Ray ins
 (``ray_session``), and a driver connects to one cluster at a time. The faults are injected by a
 ``worker_process_setup_hook`` of this test's Ray job, which wraps ``DecodeStage.__call__`` in every worker
 process (the package itself has no such hook): decoding takes a second and logs its start, end and node;
-on S3 (job 2) it first waits until five decodes have started or two minutes have passed, so that the
+on S3 (job 2) it first waits until five decodes have started or five minutes have passed, so that the
 log shows how many ran at once however slowly worker processes start; a source named ``poison*`` kills
 the process (``os._exit``); one named ``hang*`` sleeps for an hour.
 """
@@ -57,9 +57,9 @@ SCRIPT = textwrap.dedent("""
             if any(os.path.basename(s).startswith("hang") for s in sources):
                 time.sleep(3600)
             start = time.time()
-            if sources[0].startswith("s3://"):  # job 2: wait (at most 2 minutes) for 5 decodes at once
+            if sources[0].startswith("s3://"):  # job 2: wait (at most 5 minutes) for 5 decodes at once
                 open(os.path.join(LOG, f"started-{os.getpid()}-{start:.6f}"), "w").close()
-                while (time.time() - start < 120
+                while (time.time() - start < 300
                        and sum(f.startswith("started-") for f in os.listdir(LOG)) < 5):
                     time.sleep(0.2)
             time.sleep(1.0)
