@@ -127,7 +127,7 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-@pytest.mark.timeout(1800)  # about N s alone on an idle 2-core machine; room for a loaded one
+@pytest.mark.timeout(1800)  # four Ray nodes and ~12 worker processes: room for a loaded 2-core machine
 def test_cluster_storage_scaling_and_faults(tmp_path: Path) -> None:
     import boto3
 
