@@ -158,6 +158,21 @@ def loaded(what: str, path: str, load: Any, *args: Any, **kwargs: Any) -> Any:
         raise UsageError(f"{what} {path} does not load: {short(exc)}") from None
 
 
+def check_shared_storage(paths: dict[str, str | None], *, nodes: int, shared_fs: bool) -> None:
+    """On a cluster of more than one node every worker reads and writes ``paths`` (flag -> path) on its
+    own node: a local path there scatters the outputs and hides the inputs, so it is refused unless the
+    user says it is on a shared filesystem (``--shared-fs``). Object-store URLs are always fine."""
+    from pipeline.io import is_remote
+
+    if nodes <= 1 or shared_fs:
+        return
+    for flag, path in paths.items():
+        if path and not is_remote(path):
+            raise UsageError(f"{flag} {path} is a local path but the Ray cluster has {nodes} nodes, each "
+                             "reading and writing its own disk: use an s3:// URL, or --shared-fs if every "
+                             "node mounts it at the same path")
+
+
 def check_positive(name: str, value: float | None, *, allow_zero: bool = False) -> None:
     if value is not None and (value < 0 or (value == 0 and not allow_zero)):
         raise UsageError(f"{name} must be {'>= 0' if allow_zero else 'positive'}, got {value}")

@@ -54,6 +54,23 @@ def positive_float(text: str) -> float:
     return value
 
 
+def non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
+def error_rate(text: str) -> float:
+    value = positive_float(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
 def quality(text: str) -> int:
     value = positive_int(text)
     if value > 100:
@@ -125,6 +142,15 @@ def add_pipeline_arguments(p: argparse.ArgumentParser) -> None:
                    help="show Ray's logs and Ray Data's per-stage progress bars")
     p.add_argument("--metric-cache", default=None,
                    help="folder of IQA metric weights (default: $PATCHSCALER_IQA_CACHE, else torch hub's)")
+    p.add_argument("--shared-fs", action="store_true",
+                   help="the local paths (--input, --output, --metric-cache, --score-hr) are on a filesystem "
+                        "every node of the --address cluster mounts at the same path")
+    p.add_argument("--stall-minutes", type=non_negative_float, default=30.0,
+                   help="stop the job (exit 1, the manifest kept) when no image finished for this long; "
+                        "0: never")
+    p.add_argument("--max-error-rate", type=error_rate, default=0.5,
+                   help="stop the job (exit 1) when more than this share of its first 100 images failed "
+                        "(wrong weights or options); 1: never")
     g = p.add_argument_group("layout and resources (defaults fit the job to the cluster)")
     g.add_argument("--layout", choices=["auto", "single", "pools", "fused"], default="auto",
                    help="single: one actor per image does every step; pools: read/decode tasks, GRM, one "
@@ -139,7 +165,9 @@ def add_pipeline_arguments(p: argparse.ArgumentParser) -> None:
                    help="Patch-DiT actors: auto | N (split by work) | simple=N,medium=N,hard=N")
     g.add_argument("--assemble-actors", type=positive_int, default=None,
                    help="assemble actors (default: 1 on CPU)")
-    g.add_argument("--decode-tasks", type=positive_int, default=4, help="concurrent read/decode tasks")
+    g.add_argument("--decode-tasks", type=positive_int, default=None,
+                   help="at most this many concurrent read/decode tasks (default: as many as the CPUs that "
+                        "the model actors leave free hold)")
     g.add_argument("--gpus-per-actor", type=positive_float, default=None,
                    help="GPU share of each model actor (default: the actors share the GPUs evenly)")
     g.add_argument("--cpus-per-actor", type=positive_float, default=None,
@@ -232,6 +260,7 @@ def pipeline_config(args: argparse.Namespace, *, input: str, output: str, device
         cpus_per_actor=args.cpus_per_actor, grm_batch=args.grm_batch, storage_options=options,
         overwrite=args.overwrite, retry_failed=getattr(args, "retry_failed", False),
         precision=None if args.precision == "auto" else args.precision,
+        stall_minutes=args.stall_minutes, max_error_rate=args.max_error_rate,
     )
 
 
@@ -267,7 +296,28 @@ def run(args: argparse.Namespace) -> int:
     if not plan.todo:  # nothing to do: no Ray, no model
         return exit_code(run_pipeline(cfg, plan=plan))
     assets, cfg.device = load_assets_starting_ray(args)
+    check_cluster_storage(args)
     return exit_code(run_pipeline(cfg, plan=plan, assets=assets, progress=not args.no_progress))
+
+
+def check_cluster_storage(args: argparse.Namespace) -> None:
+    """On a cluster (``--address``) of more than one node, the paths the workers read or write must be
+    object-store URLs or on a shared filesystem (``--shared-fs``); ``--weights``, ``--rtm`` and
+    ``--autoencoder`` are read by the driver only (``pipeline/shared.py``)."""
+    import ray
+
+    from jobs.checks import check_shared_storage
+
+    if not args.address:
+        return
+    paths = {"--input": args.input, "--output": args.output}
+    if args.score:
+        from eval.metrics import resolve_cache_dir
+
+        paths["--metric-cache"] = str(resolve_cache_dir(args.metric_cache))
+        paths["--score-hr"] = args.score_hr
+    nodes = sum(bool(n.get("Alive")) for n in ray.nodes())
+    check_shared_storage(paths, nodes=nodes, shared_fs=args.shared_fs)
 
 
 def load_assets_starting_ray(args: argparse.Namespace) -> tuple[Any, str]:

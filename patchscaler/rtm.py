@@ -8,14 +8,34 @@ paper's texture retrieval. The artifact on disk is read by ``weights.load_rtm``;
 
 from __future__ import annotations
 
+from typing import Any
+
 import faiss
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+GPU_TEMP_MEMORY = 256 << 20  # faiss's scratch memory per GPU index (its default is ~18% of the GPU)
 
-def _gpu_available() -> bool:
+
+def gpu_available() -> bool:
+    """Whether this faiss build has GPU support (``faiss-gpu``, the ``gpu`` extra) and sees a GPU (in a
+    Ray actor: the GPU Ray gave it, as device 0)."""
     return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+def build_index(keys: np.ndarray, *, use_gpu: bool) -> tuple[faiss.Index, Any]:
+    """An exact inner-product index over ``keys`` (M, D) float32: on this process's first GPU when
+    ``use_gpu`` and :func:`gpu_available`, else on CPU. Returns the index and the GPU resources that
+    must live as long as it (None on CPU). Both indexes give the same top-K (flat, exact search)."""
+    index: faiss.Index = faiss.IndexFlatIP(keys.shape[1])
+    resources = None
+    if use_gpu and gpu_available():  # not run on a GPU yet (docs/pipeline.md, "GPU hosts")
+        resources = faiss.StandardGpuResources()
+        resources.setTempMemory(GPU_TEMP_MEMORY)
+        index = faiss.index_cpu_to_gpu(resources, 0, index)
+    index.add(np.ascontiguousarray(keys, dtype=np.float32))
+    return index, resources
 
 
 class ReferenceTextureMemory:
@@ -32,11 +52,12 @@ class ReferenceTextureMemory:
             raise ValueError("RTM is empty")
         self.keys = F.normalize(keys.float(), dim=1).contiguous()  # (M, D)
         self.values = values.float().contiguous()  # (M, 4, 16, 16)
-        index: faiss.Index = faiss.IndexFlatIP(self.keys.shape[1])
-        if use_gpu and _gpu_available():  # faiss-gpu on GPU hosts; faiss-cpu everywhere else
-            index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
-        index.add(self.keys.numpy())
-        self.index = index
+        # faiss-gpu on GPU hosts (the ``gpu`` extra), faiss-cpu everywhere else
+        self.index, self._gpu_resources = build_index(self.keys.numpy(), use_gpu=use_gpu)
+
+    @property
+    def on_gpu(self) -> bool:
+        return self._gpu_resources is not None
 
     def __len__(self) -> int:
         return self.keys.shape[0]

@@ -44,6 +44,7 @@ from pipeline.plan import (
     GROUP_POOLS,
     Node,
     ResourcePlan,
+    actor_memory,
     choose_layout,
     gpu_pool_counts,
     plan_resources,
@@ -59,8 +60,12 @@ if TYPE_CHECKING:
 GROUP_KEYS = ("simple", "medium", "hard")
 # Fault tolerance: Ray Data's actor pools restart dead actors and retry their tasks without limit by
 # default (``max_restarts=-1, max_task_retries=-1`` in ``ActorPoolMapOperator``; Ray 2.60). They are not
-# passed again here: extra remote args are deprecated in Ray Data and go away in Ray 2.64.
+# passed again here: extra remote args are deprecated in Ray Data and go away in Ray 2.64. An image that
+# kills its actor every time is stopped by the ledger (``pipeline/faults.py``); the rest of the failure
+# policy is ``failure_policy`` below (docs/pipeline.md, "Failure policy").
 # tests/test_pipeline_faults.py kills a Patch-DiT actor mid-job and checks that the job still succeeds.
+ERRORED_SHARE = 0.01  # blocks whose task raised may be dropped, up to about 1% of the job's images
+ACTOR_INIT_DEATHS = 3  # consecutive actor deaths during __init__ (per pool) before the job fails
 
 
 @dataclass
@@ -85,7 +90,7 @@ class PipelineConfig:
     grm_actors: int | None = None  # None: 1 on CPU, plan.gpu_pool_counts on GPU
     dit_actors: dict[str, int] | int | None = None  # per group, a total split by work, or None: auto
     assemble_actors: int | None = None  # None: as grm_actors
-    decode_tasks: int = 4  # concurrent read/decode tasks (pools layout)
+    decode_tasks: int | None = None  # most concurrent read/decode tasks (pools layout; None: as CPUs allow)
     gpus_per_actor: float | None = None  # None: the plan's share
     cpus_per_actor: float | None = None  # None: the plan's share
     grm_batch: int = 4  # images per GRM call = per block (and per call of the single layout, at most)
@@ -98,6 +103,11 @@ class PipelineConfig:
     score_dataset: str = ""  # dataset name of the score rows ("": the input folder's name)
     score_pairs: dict[str, tuple[str, str]] = field(default_factory=dict)  # source -> (image id, HR URI)
     crash_marker: str | None = None  # tests only, see PatchDiTStage
+    # failure policy (docs/pipeline.md, "Failure policy")
+    stall_minutes: float = 30.0  # no image finished for this long: stop (exit 1); 0: never
+    max_error_rate: float = 0.5  # more failed than this share of the first `error_window` images: stop
+    error_window: int = 100
+    image_deaths: int = 3  # an image in flight in this many actor deaths becomes an error row
 
     def resolved_layout(self, todo: int) -> str:
         if self.fused and self.layout in ("auto", "fused"):
@@ -121,19 +131,25 @@ class Graph:
     batch: int  # images per call of the first model stage
     dit: dict[int, int]  # Patch-DiT actors per group (pools), {None: n} (fused), {} (single)
     sampling: str
+    ledger: Any = None  # the execution's pipeline.faults.Ledger (set by the runner), or None
+    todo: int = 0  # images of the execution
 
     def describe(self) -> str:
         pools = ", ".join(f"{name} {p.actors}" for name, p in self.plan.pools.items())
         p = next(iter(self.plan.pools.values()))
         res = f"{p.num_cpus:g} CPU" + (f" + {p.num_gpus:g} GPU" if p.num_gpus else "")
-        return f"layout {self.layout}: actors {pools} ({res} each)"
+        if p.memory:
+            res += f" + {p.memory / 2**30:.1f} GiB"
+        tasks = f"; read/decode tasks <= {self.plan.tasks}" if self.plan.tasks else ""
+        return f"layout {self.layout}: actors {pools} ({res} each){tasks}"
 
 
 def cluster_nodes() -> list[Node]:
     """The alive nodes of the connected Ray cluster."""
     import ray
 
-    return [Node(cpus=float(n["Resources"].get("CPU", 0)), gpus=int(n["Resources"].get("GPU", 0)))
+    return [Node(cpus=float(n["Resources"].get("CPU", 0)), gpus=int(n["Resources"].get("GPU", 0)),
+                 memory=float(n["Resources"].get("memory", 0)))
             for n in ray.nodes() if n.get("Alive")]
 
 
@@ -186,31 +202,54 @@ def pool_sizes(cfg: PipelineConfig, total: int, counts: dict[int, int], steps: t
 
 
 def plan_graph(cfg: PipelineConfig, nodes: list[Node], *, layout: str, todo: int, counts: dict[int, int],
-               steps: tuple[int, int, int], fused_ok: bool = True) -> Graph:
+               steps: tuple[int, int, int], fused_ok: bool = True, model_bytes: int = 0) -> Graph:
     """The pools and resources of an execution of ``todo`` images in ``layout`` (``plan.PlanError`` when
-    they cannot fit on ``nodes``)."""
+    they cannot fit on ``nodes``). With ``model_bytes`` (the model's tensors) every actor declares
+    ``plan.actor_memory`` of the pixel limit."""
     scorers = {"score": cfg.score.actors} if cfg.score is not None else {}
+    memory = actor_memory(model_bytes=model_bytes, max_pixels=cfg.max_pixels) if model_bytes else 0
     common = {"device": cfg.device, "cpus_per_actor": cfg.cpus_per_actor,
-              "gpus_per_actor": cfg.gpus_per_actor}
+              "gpus_per_actor": cfg.gpus_per_actor, "memory_per_actor": memory}
     if layout == "single":  # one actor per CPU or GPU, but none without a full call's work (--grm-batch)
         n = cfg.actors or single_actors(nodes, device=cfg.device, blocks=math.ceil(todo / cfg.grm_batch))
         batch = max(1, min(cfg.grm_batch, math.ceil(todo / n)))
         plan = plan_resources(nodes, {"image": n, **scorers}, tasks=0, **common)
-        return Graph(layout, plan, batch, {}, cfg.sampling(layout, fused_ok))
+        return Graph(layout, plan, batch, {}, cfg.sampling(layout, fused_ok), todo=todo)
     grm, assemble, dit = light_and_dit(cfg, nodes, layout)
     sizes: dict[Any, int] = {None: dit} if layout == "fused" else pool_sizes(cfg, dit, counts, steps)
     names = {None: "dit"} | dict(enumerate(GROUP_POOLS))
     pools = {"grm": grm, **{names[g]: k for g, k in sizes.items()}, "assemble": assemble, **scorers}
-    tasks = max(1, min(cfg.decode_tasks, todo))
-    plan = plan_resources(nodes, pools, tasks=tasks, **common)
-    return Graph(layout, plan, cfg.grm_batch, sizes, cfg.sampling(layout))
+    cap = max(1, min(cfg.decode_tasks or todo, todo))  # no more tasks than images
+    plan = plan_resources(nodes, pools, tasks=cap, **common)
+    return Graph(layout, plan, cfg.grm_batch, sizes, cfg.sampling(layout), todo=todo)
+
+
+def _guarded(graph: Graph, cfg: PipelineConfig, stage: type, kwargs: dict[str, Any], name: str
+             ) -> dict[str, Any]:
+    """``map_batches`` arguments of ``stage``: behind the execution's ledger when it has one
+    (``pipeline/faults.py``)."""
+    if graph.ledger is None:
+        return {"fn": stage, "fn_constructor_kwargs": kwargs}
+    from pipeline.faults import Guarded
+
+    return {"fn": Guarded, "fn_constructor_kwargs": {"stage": stage, "kwargs": kwargs, "ledger": graph.ledger,
+                                                     "limit": cfg.image_deaths, "name": name}}
+
+
+def _task_fn(graph: Graph, cfg: PipelineConfig, stage: type, kwargs: dict[str, Any], name: str) -> Any:
+    """The callable of a task stage: ``stage(**kwargs)``, behind the ledger when there is one."""
+    if graph.ledger is None:
+        return stage(**kwargs)
+    from pipeline.faults import Guarded
+
+    return Guarded(stage=stage, kwargs=kwargs, ledger=graph.ledger, limit=cfg.image_deaths, name=name)
 
 
 def _actor_args(pool: Any, size: int | None = None) -> dict[str, Any]:
     from ray.data import ActorPoolStrategy
 
     return {"compute": ActorPoolStrategy(size=size or pool.actors), "num_cpus": pool.num_cpus,
-            "num_gpus": pool.num_gpus}
+            "num_gpus": pool.num_gpus, **({"memory": pool.memory} if pool.memory else {})}
 
 
 def pipeline_dataset(cfg: PipelineConfig, items: list[dict[str, str]], graph: Graph, model: SharedModel,
@@ -229,38 +268,40 @@ def pipeline_dataset(cfg: PipelineConfig, items: list[dict[str, str]], graph: Gr
         from pipeline.single import ImageStage
 
         ds = ds.map_batches(
-            ImageStage, batch_size=graph.batch, batch_format="numpy", **_actor_args(pools["image"]),
-            fn_constructor_kwargs={**model_args, "rtm": rtm, "seed": cfg.seed, "mode": cfg.mode,
-                                   "fused": graph.sampling.endswith("+fused"), "fmt": cfg.fmt,
-                                   "quality": cfg.quality, "max_pixels": cfg.max_pixels,
-                                   "storage_options": cfg.storage_options, "score": score,
-                                   "crash_marker": cfg.crash_marker},
+            batch_size=graph.batch, batch_format="numpy", **_actor_args(pools["image"]),
+            **_guarded(graph, cfg, ImageStage, {
+                **model_args, "rtm": rtm, "seed": cfg.seed, "mode": cfg.mode,
+                "fused": graph.sampling.endswith("+fused"), "fmt": cfg.fmt, "quality": cfg.quality,
+                "max_pixels": cfg.max_pixels, "storage_options": cfg.storage_options, "score": score,
+                "crash_marker": cfg.crash_marker}, "image"),
         )
         return ds if cfg.score is None else with_scoring(ds, cfg, pools["score"])
 
     from pipeline.stages import AssembleStage, DecodeStage, GRMStage, PatchDiTStage, ReadStage
 
     tasks = {"compute": TaskPoolStrategy(size=graph.plan.tasks), "num_cpus": graph.plan.task_cpus}
-    ds = ds.map_batches(ReadStage(storage_options=cfg.storage_options), batch_size=1, batch_format="numpy",
+    read = {"storage_options": cfg.storage_options}
+    ds = ds.map_batches(_task_fn(graph, cfg, ReadStage, read, "read"), batch_size=1, batch_format="numpy",
                         **tasks)
-    ds = ds.map_batches(DecodeStage(max_pixels=cfg.max_pixels), batch_size=1, batch_format="numpy", **tasks)
+    ds = ds.map_batches(_task_fn(graph, cfg, DecodeStage, {"max_pixels": cfg.max_pixels}, "decode"),
+                        batch_size=1, batch_format="numpy", **tasks)
     ds = ds.map_batches(
-        GRMStage, batch_size=graph.batch, batch_format="numpy", **_actor_args(pools["grm"]),
-        fn_constructor_kwargs={**model_args, "rtm": rtm, "seed": cfg.seed, "mode": cfg.mode,
-                               "storage_options": cfg.storage_options},
+        batch_size=graph.batch, batch_format="numpy", **_actor_args(pools["grm"]),
+        **_guarded(graph, cfg, GRMStage, {**model_args, "rtm": rtm, "seed": cfg.seed, "mode": cfg.mode,
+                                          "storage_options": cfg.storage_options}, "grm"),
     )
     for group, n in graph.dit.items():
         name = "dit" if group is None else GROUP_POOLS[group]
         ds = ds.map_batches(  # batch_size=None: whole blocks, so images stay whole
-            PatchDiTStage, batch_size=None, batch_format="numpy", **_actor_args(pools[name], n),
-            fn_constructor_kwargs={**model_args, "rtm": rtm, "mode": cfg.mode, "group": group,
-                                   "crash_marker": cfg.crash_marker},
+            batch_size=None, batch_format="numpy", **_actor_args(pools[name], n),
+            **_guarded(graph, cfg, PatchDiTStage, {**model_args, "rtm": rtm, "mode": cfg.mode, "group": group,
+                                                   "crash_marker": cfg.crash_marker}, name),
         )
     ds = ds.map_batches(
-        AssembleStage, batch_size=None, batch_format="numpy", **_actor_args(pools["assemble"]),
-        fn_constructor_kwargs={**model_args, "fmt": cfg.fmt, "quality": cfg.quality,
-                               "storage_options": cfg.storage_options, "sampling": graph.sampling,
-                               "seed": cfg.seed, "score": score},
+        batch_size=None, batch_format="numpy", **_actor_args(pools["assemble"]),
+        **_guarded(graph, cfg, AssembleStage, {
+            **model_args, "fmt": cfg.fmt, "quality": cfg.quality, "storage_options": cfg.storage_options,
+            "sampling": graph.sampling, "seed": cfg.seed, "score": score}, "assemble"),
     )
     return ds if cfg.score is None else with_scoring(ds, cfg, pools["score"])
 
@@ -295,13 +336,42 @@ def unsplit_blocks() -> Iterator[None]:
         ctx.target_max_block_size = old
 
 
+@contextlib.contextmanager
+def failure_policy(cfg: PipelineConfig, *, todo: int, batch: int) -> Iterator[None]:
+    """Datasets built inside run with the pipeline's failure policy (docs/pipeline.md, "Failure policy"):
+    a block whose task raised outside the stages' per-image ``try`` is dropped (its images come back as
+    lost rows, redone by the next run) up to about ``ERRORED_SHARE`` of the images, then the execution
+    fails; ``ACTOR_INIT_DEATHS`` consecutive actor deaths during ``__init__`` fail it; no progress of any
+    operator for ``--stall-minutes`` fails it (Ray Data's own watchdog, beside the driver's)."""
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    names = ("max_errored_blocks", "max_consecutive_actor_init_deaths", "execution_no_progress_timeout_s")
+    old = {name: getattr(ctx, name) for name in names}
+    ctx.max_errored_blocks = max(2, math.ceil(ERRORED_SHARE * todo / max(1, batch)))
+    ctx.max_consecutive_actor_init_deaths = ACTOR_INIT_DEATHS
+    # Ray Data's watchdog ends a stalled execution a minute after the driver's (``--stall-minutes``)
+    ctx.execution_no_progress_timeout_s = cfg.stall_minutes * 60 + 60 if cfg.stall_minutes > 0 else -1
+    try:
+        yield
+    finally:
+        for name, value in old.items():
+            setattr(ctx, name, value)
+
+
 def iter_manifest_rows(cfg: PipelineConfig, items: list[dict[str, str]], graph: Graph, model: SharedModel,
                        rtm: SharedRTM) -> Iterator[dict[str, Any]]:
     """Run the graph over ``items``, yielding each image's manifest row as soon as it is written (with
-    its score rows as JSON in ``schema.IQA`` when scoring)."""
-    with unsplit_blocks():
+    its score rows as JSON in ``schema.IQA`` when scoring). Closing the generator ends the execution."""
+    with unsplit_blocks(), failure_policy(cfg, todo=graph.todo, batch=graph.batch):
         ds = pipeline_dataset(cfg, items, graph, model, rtm)
     # prefetch_batches=0: with the default of 1 a block is handed over only once the next one has
     # arrived, so every row reached the driver (and the manifest) one model call late
-    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
-        yield from batch.to_pylist()
+    batches = iter(ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0))
+    try:
+        for batch in batches:
+            yield from batch.to_pylist()
+    finally:
+        close = getattr(batches, "close", None)
+        if close is not None:
+            close()

@@ -13,14 +13,20 @@ How the plan is made (derivation and GPU figures: ``docs/pipeline.md``, "Resourc
   placement order Ray chooses fits when one placement does, so no actor can be left pending because
   others took the room it needed.
 - Requests are rounded *down* to Ray's resource unit (1e-4), so their sum never exceeds the cluster.
-- Read/decode tasks (the ``pools`` layout) ask for ``task_cpus`` each; two of them are kept free.
+- Read/decode tasks (the ``pools`` layout) ask for ``task_cpus`` each; two of them are kept free, and
+  as many run at once as the CPUs the actors leave free hold (``task_slots``), under an optional cap.
 - GPUs: ``k = ceil(actors / GPUs)`` actors share a GPU, each asking ``1/k`` (rounded down).
+- Memory: every actor declares ``memory=`` (:func:`actor_memory`: the model plus the working set of one
+  image at the pixel limit), or the largest equal share of the nodes' memory when that does not fit.
 """
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 UNIT = 1e-4  # Ray's resource granularity
 RESERVED_TASKS = 2  # one read and one decode task always find room beside the actors
@@ -34,6 +40,15 @@ DIT_SLOTS_PER_GPU = 2  # Patch-DiT actors per GPU on multi-GPU nodes (docs/pipel
 GRM_SHARE = 0.07
 ASSEMBLE_SHARE = 0.08
 SMALL_JOB = 16  # images: below this a GPU job runs the single layout (start-up dominates)
+# Memory of a model actor (docs/pipeline.md, "Memory per actor"): the interpreter, torch, the Ray worker
+# and one autoencoder tile's activations, plus the model, plus the arrays one image at the pixel limit
+# holds, per LR input pixel: LR uint8 + float (15 B), the x4 image in float32 (192 B), the output in
+# uint8 and encoded (96 B), the latent patches (4 channels fp32, 1/4 latent pixel per LR pixel, 4x for
+# the 16/8 overlap: 16 B per tensor; y0, noise, x0: 48 B) and the K=4 gathered RTM values (64 B),
+# rounded up to 448 B.
+ACTOR_BASE_BYTES = 1 << 30
+BYTES_PER_PIXEL = 448
+MEMORY_UNIT = 1 << 20  # memory requests are whole MiB
 
 
 class PlanError(ValueError):
@@ -44,6 +59,7 @@ class PlanError(ValueError):
 class Node:
     cpus: float
     gpus: int = 0
+    memory: float = 0.0  # bytes of Ray's ``memory`` resource; 0: not planned
 
 
 @dataclass(frozen=True)
@@ -51,6 +67,7 @@ class PoolPlan:
     actors: int
     num_cpus: float
     num_gpus: float = 0.0
+    memory: int = 0  # bytes (Ray's ``memory=``); 0: none declared
 
 
 @dataclass(frozen=True)
@@ -59,14 +76,17 @@ class ResourcePlan:
     task_cpus: float = 0.0  # CPUs of each read/decode task (0: the layout has none)
     tasks: int = 0  # at most this many read (and decode) tasks at once
     notes: list[str] = field(default_factory=list)
+    memory_wanted: int = 0  # what actor_memory asked per actor (PoolPlan.memory: what fits)
 
     @property
     def actors(self) -> int:
         return sum(p.actors for p in self.pools.values())
 
-    def requests(self) -> list[tuple[float, float]]:
-        """(CPUs, GPUs) of every actor, then of the reserved tasks: what must fit at once."""
-        out = [(p.num_cpus, p.num_gpus) for p in self.pools.values() for _ in range(p.actors)]
+    def requests(self) -> list[tuple[float, ...]]:
+        """(CPUs, GPUs[, memory]) of every actor, then (CPUs, GPUs) of the reserved tasks: what must fit
+        at once."""
+        out = [(p.num_cpus, p.num_gpus, *([p.memory] if p.memory else []))
+               for p in self.pools.values() for _ in range(p.actors)]
         return out + [(self.task_cpus, 0.0)] * (RESERVED_TASKS if self.tasks else 0)
 
 
@@ -75,11 +95,13 @@ def floor_unit(x: float) -> float:
     return max(0.0, math.floor(x / UNIT + 1e-9) * UNIT)
 
 
-def _place(nodes: list[Node], requests: list[tuple[float, float]], order: str) -> bool:
-    """Place ``requests`` (CPUs, GPUs) one by one: on the first node with room (``pack``), the last
-    (``reverse``) or the emptiest (``spread``); a GPU fraction within one GPU, whole GPUs for >= 1."""
+def _place(nodes: list[Node], requests: list[tuple[float, ...]], order: str) -> bool:
+    """Place ``requests`` (CPUs, GPUs[, memory bytes]) one by one: on the first node with room (``pack``),
+    the last (``reverse``) or the emptiest (``spread``); a GPU fraction within one GPU, whole GPUs for
+    >= 1; memory only on nodes whose memory is known."""
     free_cpu = [n.cpus for n in nodes]
     free_gpu = [[1.0] * n.gpus for n in nodes]
+    free_mem = [n.memory if n.memory > 0 else math.inf for n in nodes]
 
     def gpu_slots(i: int, gpu: float) -> list[int] | None:
         if gpu <= 0:
@@ -90,18 +112,40 @@ def _place(nodes: list[Node], requests: list[tuple[float, float]], order: str) -
         j = next((j for j, f in enumerate(free_gpu[i]) if f + 1e-9 >= gpu), None)
         return None if j is None else [j]
 
-    for cpu, gpu in requests:
-        room = [i for i in range(len(nodes)) if free_cpu[i] + 1e-9 >= cpu and gpu_slots(i, gpu) is not None]
-        if not room:
-            return False
-        i = {"pack": room[0], "reverse": room[-1]}.get(order) or max(room, key=lambda i: free_cpu[i])
+    def room(i: int, cpu: float, gpu: float, mem: float) -> bool:
+        return free_cpu[i] + 1e-9 >= cpu and free_mem[i] >= mem and gpu_slots(i, gpu) is not None
+
+    def take(i: int, cpu: float, gpu: float, mem: float) -> None:
         for j in gpu_slots(i, gpu) or []:
             free_gpu[i][j] = 0.0 if gpu >= 1 else free_gpu[i][j] - gpu
         free_cpu[i] -= cpu
+        free_mem[i] -= mem
+
+    # runs of equal requests are placed together: a node without room for one has none for the next
+    for (cpu, gpu, *rest), group in itertools.groupby(requests):
+        mem, n = (rest[0] if rest else 0), len(list(group))
+        if order == "spread":  # each on the emptiest node with room
+            heap = [(-free_cpu[i], i) for i in range(len(nodes)) if room(i, cpu, gpu, mem)]
+            heapq.heapify(heap)
+            while n:
+                if not heap:
+                    return False
+                i = heapq.heappop(heap)[1]
+                take(i, cpu, gpu, mem)
+                n -= 1
+                if room(i, cpu, gpu, mem):
+                    heapq.heappush(heap, (-free_cpu[i], i))
+            continue
+        for i in range(len(nodes)) if order == "pack" else reversed(range(len(nodes))):
+            while n and room(i, cpu, gpu, mem):
+                take(i, cpu, gpu, mem)
+                n -= 1
+        if n:
+            return False
     return True
 
 
-def fits(nodes: list[Node], requests: list[tuple[float, float]]) -> bool:
+def fits(nodes: list[Node], requests: list[tuple[float, ...]]) -> bool:
     """Whether ``requests`` fit on ``nodes`` however Ray places them: the actors (GPU requests first,
     then by size) packed onto the first nodes, onto the last ones or spread, and the tasks (requests
     without GPU that come last with ``ResourcePlan.requests``) in the room that is left."""
@@ -113,11 +157,37 @@ def task_cpus(nodes: list[Node]) -> float:
     return floor_unit(min(0.5, min(n.cpus for n in nodes) / 8))
 
 
-def plan_resources(nodes: list[Node], pools: dict[str, int], *, device: str, tasks: int = 0,
-                   cpus_per_actor: float | None = None, gpus_per_actor: float | None = None
-                   ) -> ResourcePlan:
-    """The plan of ``pools`` (name -> actors, graph order) on ``nodes``, with ``tasks`` concurrent
-    read/decode tasks (0 when the layout reads inside its actors). ``PlanError`` when it cannot fit."""
+def actor_memory(*, model_bytes: int, max_pixels: int) -> int:
+    """Bytes a model actor declares (Ray's ``memory=``): ``ACTOR_BASE_BYTES`` + the model +
+    ``BYTES_PER_PIXEL`` x the pixel limit (one image at the limit in flight), in whole MiB."""
+    need = ACTOR_BASE_BYTES + model_bytes + BYTES_PER_PIXEL * max_pixels
+    return -(-need // MEMORY_UNIT) * MEMORY_UNIT
+
+
+def task_slots(nodes: list[Node], actor_cpus: float, task_cpus_: float) -> int:
+    """Read/decode tasks of ``task_cpus_`` CPUs each that fit in what the actors leave free."""
+    if task_cpus_ <= 0:
+        return 0
+    return max(0, math.floor((sum(n.cpus for n in nodes) - actor_cpus) / task_cpus_ + 1e-6))
+
+
+def _largest_memory(nodes: list[Node], requests: Any, want: int) -> int:
+    """The largest equal memory request <= ``want`` (whole MiB) with which ``requests(memory)`` fits."""
+    lo, hi = 0, want // MEMORY_UNIT
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if fits(nodes, requests(mid * MEMORY_UNIT)) else (lo, mid - 1)
+    return lo * MEMORY_UNIT
+
+
+def plan_resources(nodes: list[Node], pools: dict[str, int], *, device: str, tasks: int | None = 0,
+                   cpus_per_actor: float | None = None, gpus_per_actor: float | None = None,
+                   memory_per_actor: int = 0) -> ResourcePlan:
+    """The plan of ``pools`` (name -> actors, graph order) on ``nodes``. ``tasks``: 0 when the layout
+    reads inside its actors, else the most read/decode tasks to run at once (None: no cap); either way
+    no more than the CPUs the actors leave free hold (at least ``RESERVED_TASKS``, which are always kept
+    free). ``memory_per_actor``: what each actor should declare (``actor_memory``; 0: nothing), lowered
+    to the largest equal share that fits the nodes' memory. ``PlanError`` when the plan cannot fit."""
     if not nodes or sum(n.cpus for n in nodes) < 1 - 1e-9:
         raise PlanError("the Ray cluster has less than 1 CPU")
     actors = sum(pools.values())
@@ -127,8 +197,9 @@ def plan_resources(nodes: list[Node], pools: dict[str, int], *, device: str, tas
     cuda = device.startswith("cuda")
     if cuda and gpus == 0:
         raise PlanError(f"--device {device} but the Ray cluster has no GPU")
-    t = task_cpus(nodes) if tasks else 0.0
-    reserve = [(t, 0.0)] * (RESERVED_TASKS if tasks else 0)
+    has_tasks = tasks is None or tasks > 0
+    t = task_cpus(nodes) if has_tasks else 0.0
+    reserve = [(t, 0.0)] * (RESERVED_TASKS if has_tasks else 0)
 
     gpu = 0.0
     if cuda:
@@ -152,8 +223,21 @@ def plan_resources(nodes: list[Node], pools: dict[str, int], *, device: str, tas
         extra = f" + {len(reserve)} read/decode tasks x {t:g} CPU" if reserve else ""
         raise PlanError(f"the pipeline's actors do not fit on the Ray cluster: {want}{extra} on {room} in "
                         f"{len(nodes)} node(s); lower --cpus-per-actor/--gpus-per-actor or the actor counts")
-    plan = {name: PoolPlan(actors=n, num_cpus=cpu, num_gpus=gpu) for name, n in pools.items()}
-    return ResourcePlan(pools=plan, task_cpus=t, tasks=max(0, tasks))
+    memory, notes = 0, []
+    if memory_per_actor > 0 and any(n.memory > 0 for n in nodes):
+        memory = _largest_memory(nodes, lambda m: [(cpu, gpu, m)] * actors + reserve, memory_per_actor)
+        if memory < memory_per_actor:
+            notes.append(f"memory: {memory / 2**30:.1f} GiB per actor, not the "
+                         f"{memory_per_actor / 2**30:.1f} GiB an image at the pixel limit needs "
+                         "(lower --max-pixels or the actor counts)")
+    elif memory_per_actor > 0:
+        memory = memory_per_actor
+    plan = {name: PoolPlan(actors=n, num_cpus=cpu, num_gpus=gpu, memory=memory) for name, n in pools.items()}
+    count = 0
+    if has_tasks:
+        slots = max(RESERVED_TASKS, task_slots(nodes, actors * cpu, t))
+        count = max(1, min(slots, tasks if tasks is not None else slots))
+    return ResourcePlan(pools=plan, task_cpus=t, tasks=count, notes=notes, memory_wanted=memory_per_actor)
 
 
 # --- which pools, how many actors ------------------------------------------------------------------

@@ -11,7 +11,9 @@
    the job: the rows stay in memory, are written at the next commit that succeeds, and the job ends
    with its summary and exit code 1 if some never could be. With automatic pool sizes in the pools
    layout and more than two windows to do, the first window runs alone and its patches per group size
-   the pools of the rest.
+   the pools of the rest. The driver stops the job (exit 1, the manifest intact) when no image finished
+   for ``--stall-minutes`` or when more than ``--max-error-rate`` of the first 100 images failed; an
+   image that kills its actor is stopped by the ledger (``pipeline/faults.py``).
 3. Rewrite the consolidated manifest (and ``scores.parquet`` when scoring) and print a summary that
    lists the failed images.
 
@@ -96,6 +98,7 @@ class Summary:
     storage_error: str = ""
     failures: list[tuple[str, str]] = field(default_factory=list)  # (source, error), this run's first
     manifest: str = ""
+    stopped: str = ""  # why the driver stopped the job early (--stall-minutes, --max-error-rate)
 
     @property
     def processed(self) -> int:
@@ -107,7 +110,7 @@ class Summary:
 
     @property
     def all_ok(self) -> bool:
-        return not (self.failed or self.kept or self.unrecorded or self.storage_error)
+        return not (self.failed or self.kept or self.unrecorded or self.storage_error or self.stopped)
 
     def line(self) -> str:
         text = (f"done: {self.ok} ok, {self.failed} failed, {self.skipped} skipped (already done) "
@@ -116,6 +119,9 @@ class Summary:
             text += f", {self.images_per_second:.2f} images/s"
         if self.kept:
             text += f"; {self.kept} failed before and not retried (--retry-failed retries them)"
+        if self.stopped:
+            left = self.inputs - self.skipped - self.processed - self.kept
+            text += f"; stopped ({self.stopped}), {left} not run: run the same command to resume"
         return text
 
     def report(self) -> list[str]:
@@ -283,12 +289,17 @@ def executions(cfg: PipelineConfig, layout: str, items: list[dict[str, str]]) ->
     return [items[:cfg.window], items[cfg.window:]] if probe else [items]
 
 
-def _pump(rows: Any, out: queue.Queue) -> None:
+def _pump(rows: Any, out: queue.Queue, stop: threading.Event) -> None:
     try:
         for row in rows:
+            if stop.is_set():
+                break
             out.put(("row", row))
     except BaseException as exc:  # the execution failed as a whole: the driver records the rest as lost
         out.put(("error", exc))
+    finally:  # a stopped job: closing the stream shuts its execution down
+        with contextlib.suppress(BaseException):
+            rows.close()
     out.put(("end", None))
 
 
@@ -298,14 +309,33 @@ class _Tally:
     failed: int = 0
     failures: list[tuple[str, str]] = field(default_factory=list)
     pools: list[dict[str, int]] = field(default_factory=list)
+    stopped: str = ""
+
+
+def stop_reason(cfg: PipelineConfig, tally: _Tally, *, todo: int, idle: float) -> str:
+    """Why the driver should stop the job now ("" to go on), printed as one line: no image finished for
+    ``--stall-minutes`` (``idle`` seconds), or more than ``--max-error-rate`` of the first
+    ``error_window`` images failed (checked once, when they are in, in a job of more images)."""
+    if cfg.stall_minutes > 0 and idle >= cfg.stall_minutes * 60:
+        return f"no image finished in {cfg.stall_minutes:g} minutes (--stall-minutes)"
+    done = tally.ok + tally.failed
+    if todo > cfg.error_window and done == cfg.error_window and tally.failed > cfg.max_error_rate * done:
+        first = tally.failures[0][1] if tally.failures else ""
+        return (f"{tally.failed} of the first {done} images failed, more than --max-error-rate "
+                f"{cfg.max_error_rate:g} (check --weights, --rtm and the options; first error: {first})")
+    return ""
 
 
 def _execute(cfg: PipelineConfig, todo: list[dict[str, str]], assets: LoadedAssets, recorder: Recorder,
              progress: Progress, echo: bool) -> _Tally:
+    import ray
+
+    from pipeline.faults import start_ledger
     from pipeline.shared import share
     from pipeline.single import can_fuse
 
     model, rtm = share(assets)
+    model_bytes = sum(t.numel() * t.element_size() for t in assets.model.state_dict().values())
     nodes = cluster_nodes()
     steps = sampler_steps(assets.model.config, cfg.mode)
     fused_ok = can_fuse(assets.model.config, cfg.mode)
@@ -314,21 +344,27 @@ def _execute(cfg: PipelineConfig, todo: list[dict[str, str]], assets: LoadedAsse
     tally = _Tally()
     for items in executions(cfg, layout, todo):
         graph = plan_graph(cfg, nodes, layout=layout, todo=len(items), counts=counts, steps=steps,
-                           fused_ok=fused_ok)
+                           fused_ok=fused_ok, model_bytes=model_bytes)
         tally.pools.append({name: p.actors for name, p in graph.plan.pools.items()})
         if echo:
             print(f"running {len(items)} images: {graph.describe()}", flush=True)
+            for note in graph.plan.notes:
+                print(f"note: {note}", flush=True)
+        graph.ledger = start_ledger()
         pending = {i[S.IMAGE_ID]: i for i in items}
         rows: queue.Queue = queue.Queue()
         stream = iter_manifest_rows(cfg, items, graph, model, rtm)
-        threading.Thread(target=_pump, args=(stream, rows), daemon=True, name="pipeline-rows").start()
+        stop = threading.Event()
+        threading.Thread(target=_pump, args=(stream, rows, stop), daemon=True, name="pipeline-rows").start()
         why = "no result came back"
+        last = time.monotonic()
         while True:
             try:
                 kind, value = rows.get(timeout=0.5)
             except queue.Empty:
                 kind, value = "", None
             if kind == "row" and pending.pop(value["id"], None) is not None:
+                last = time.monotonic()
                 recorder.add(value)
                 for g, name in enumerate(GROUP_KEYS):
                     counts[g] += int(value[f"patches_{name}"])
@@ -345,12 +381,22 @@ def _execute(cfg: PipelineConfig, todo: list[dict[str, str]], assets: LoadedAsse
             if recorder.due():
                 recorder.commit()
             progress.update(tally.ok, tally.failed)
+            tally.stopped = stop_reason(cfg, tally, todo=len(todo), idle=time.monotonic() - last)
+            if tally.stopped:  # the images not run get no row: the next run does them
+                stop.set()
+                print(f"error: stopping the job: {tally.stopped}", file=sys.stderr, flush=True)
+                pending.clear()
+                break
+        with contextlib.suppress(Exception):
+            ray.kill(graph.ledger)
         for item in pending.values():  # whatever did not come back is an error, redone next time
             row = lost_row(item, cfg, graph.sampling, why)
             recorder.add(row)
             tally.failed += 1
             tally.failures.append((row["source"], row["error"]))
         recorder.commit()
+        if tally.stopped:
+            break
     return tally
 
 
@@ -395,7 +441,7 @@ def run_pipeline(cfg: PipelineConfig, *, echo: bool = True, plan: JobPlan | None
     summary = Summary(inputs=len(plan.sources), skipped=plan.done, ok=tally.ok, failed=tally.failed,
                       seconds=time.perf_counter() - start, parts=recorder.n, pools=tally.pools,
                       kept=len(plan.kept), unrecorded=len(recorder.rows), storage_error=storage_error,
-                      failures=sorted(tally.failures) + sorted(kept),
+                      failures=sorted(tally.failures) + sorted(kept), stopped=tally.stopped,
                       manifest=join(cfg.output, MANIFEST_FILE) if not manifest.empty else "")
     if echo:
         print("\n".join(summary.report()), flush=True)

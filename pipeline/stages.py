@@ -245,7 +245,7 @@ class PatchDiTStage:
     def __call__(self, batch: Batch) -> Batch:
         groups_in = batch[S.GROUP]
         mine = groups_in != S.IMAGE_ROW if self.group is None else groups_in == self.group
-        rows = np.flatnonzero(mine)
+        rows = np.flatnonzero(mine & (batch[S.ERROR] == ""))  # not the patches of a failed image
         if not len(rows):
             return batch
         self._crash_once()

@@ -1,15 +1,9 @@
-"""Fault tolerance and clusters: a Patch-DiT actor killed mid-run, and a 2-node cluster on one machine.
-
-The cluster test runs in a separate Python process: the test session already holds one Ray instance
-(``ray_session``), and a driver connects to one cluster at a time."""
+"""Fault tolerance: a Patch-DiT actor killed mid-run. Multi-node clusters (a node removed mid-job, an
+image that kills its worker, shared storage): ``tests/test_pipeline_cluster.py``."""
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +14,6 @@ from pipeline.build import PipelineConfig
 from pipeline.runner import read_manifest, run_pipeline
 
 NAMES = ["rgb_24x32.png", "rgb_48x40.png", "rgba.png", "grey.png", "sub/nested.png", "cmyk.jpg"]
-REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -50,42 +43,3 @@ def test_a_killed_patch_dit_actor_does_not_fail_the_job(ray_session, subset) -> 
         out = root / "out" / (os.path.splitext(name)[0] + ".png")
         assert np.abs(read_rgb(out.read_bytes()).astype(int) - refs[name]).max() <= 1, name
     assert len(read_manifest(str(root / "out"))) == len(NAMES)
-
-
-CLUSTER_SCRIPT = textwrap.dedent("""
-    import json, sys
-    import ray
-    from ray.cluster_utils import Cluster
-
-    cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 2, "object_store_memory": 200 * 1024 * 1024, "include_dashboard": False})
-    cluster.add_node(num_cpus=2, object_store_memory=200 * 1024 * 1024)
-    cluster.wait_for_nodes()
-    from jobs.cli import main
-
-    code = main(["upscale-dataset", *sys.argv[1:], "--address", cluster.address])
-    nodes = sum(n["Alive"] for n in ray.nodes())
-    print("RESULT " + json.dumps({"code": code, "nodes": nodes}), flush=True)
-    ray.shutdown()
-    cluster.shutdown()
-""")
-
-
-@pytest.mark.timeout(400)
-def test_two_node_cluster(subset) -> None:
-    root, weights, rtm = subset
-    out = root / "cluster_out"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    # three model actors of one CPU each (GRM, fused Patch-DiT, assemble) do not fit on one 2-CPU node
-    args = ["--input", str(root / "in"), "--output", str(out), "--weights", weights, "--rtm", rtm,
-            "--seed", "1", "--fused", "--dit-actors", "1", "--cpus-per-actor", "1", "--device", "cpu",
-            "--no-progress"]
-    proc = subprocess.run([sys.executable, "-c", CLUSTER_SCRIPT, *args], env=env, cwd=str(REPO),
-                          capture_output=True, text=True, timeout=380)
-    lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
-    result = json.loads(lines[-1][len("RESULT "):])
-    assert result == {"code": 0, "nodes": 2}
-    manifest = read_manifest(str(out))
-    assert list(manifest["status"]) == ["ok"] * len(NAMES)
-    assert "done: 6 ok, 0 failed" in proc.stdout

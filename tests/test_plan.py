@@ -17,11 +17,13 @@ from pipeline.plan import (
     Node,
     PlanError,
     ResourcePlan,
+    actor_memory,
     choose_layout,
     fits,
     gpu_pool_counts,
     plan_resources,
     single_actors,
+    task_slots,
 )
 
 # the pools of every layout, with and without the scoring pool (``--score``), and bigger pools
@@ -35,18 +37,22 @@ LAYOUT_POOLS = {
 SCORING = ({}, {"score": 1}, {"score": 3})
 
 
-def placed(nodes: list[Node], requests: list[tuple[float, float]], order: str) -> bool:
+def placed(nodes: list[Node], requests: list[tuple[float, ...]], order: str) -> bool:
     """Place ``requests`` one by one as Ray might: on the first node (``pack``) or the emptiest one
-    (``spread``) that has room, GPU fractions within one GPU (an independent check of ``plan.fits``)."""
+    (``spread``) that has room, GPU fractions within one GPU, memory where the node's is known (an
+    independent check of ``plan.fits``)."""
     cpu = [n.cpus for n in nodes]
     gpu = [[1.0] * n.gpus for n in nodes]
-    for c, g in requests:
-        candidates = [i for i in range(len(nodes)) if cpu[i] + 1e-9 >= c
+    mem = [n.memory or float("inf") for n in nodes]
+    for c, g, *m in requests:
+        need = m[0] if m else 0
+        candidates = [i for i in range(len(nodes)) if cpu[i] + 1e-9 >= c and mem[i] >= need
                       and (g <= 0 or any(f + 1e-9 >= g for f in gpu[i]))]
         if not candidates:
             return False
         i = candidates[0] if order == "pack" else max(candidates, key=lambda i: cpu[i])
         cpu[i] -= c
+        mem[i] -= need
         if g > 0:
             j = next(j for j, f in enumerate(gpu[i]) if f + 1e-9 >= g)
             gpu[i][j] -= g
@@ -54,15 +60,15 @@ def placed(nodes: list[Node], requests: list[tuple[float, float]], order: str) -
 
 
 def assert_fits(plan: ResourcePlan, nodes: list[Node], pools: dict[str, int], device: str,
-                tasks: int) -> None:
+                tasks: int | None) -> None:
     requests = plan.requests()
     assert [name for name in plan.pools] == list(pools)  # graph order kept
     assert {name: p.actors for name, p in plan.pools.items()} == pools
     # the sum of what is asked fits the cluster ...
-    assert sum(c for c, _ in requests) <= sum(n.cpus for n in nodes) + 1e-9
-    assert sum(g for _, g in requests) <= sum(n.gpus for n in nodes) + 1e-9
+    assert sum(r[0] for r in requests) <= sum(n.cpus for n in nodes) + 1e-9
+    assert sum(r[1] for r in requests) <= sum(n.gpus for n in nodes) + 1e-9
     # ... with room for one read and one decode task beside all actors, in whatever order Ray places them
-    reserved = RESERVED_TASKS if tasks else 0
+    reserved = RESERVED_TASKS if tasks != 0 else 0
     actors, task_requests = requests[:len(requests) - reserved], requests[len(requests) - reserved:]
     assert task_requests == [(plan.task_cpus, 0.0)] * reserved
     for order in ("pack", "spread"):
@@ -74,8 +80,11 @@ def assert_fits(plan: ResourcePlan, nodes: list[Node], pools: dict[str, int], de
         assert p.num_cpus >= UNIT and abs(p.num_cpus / UNIT - round(p.num_cpus / UNIT)) < 1e-6
         assert (p.num_gpus > 0) == device.startswith("cuda")
         assert p.num_gpus <= 1
-    if tasks:
-        assert 0 < plan.task_cpus <= 0.5 and plan.tasks == tasks
+    if tasks != 0:  # as many read/decode tasks as the CPUs the actors leave free hold, under the cap
+        free = sum(n.cpus for n in nodes) - sum(p.actors * p.num_cpus for p in plan.pools.values())
+        slots = math.floor(free / plan.task_cpus + 1e-6)
+        assert 0 < plan.task_cpus <= 0.5 and slots >= RESERVED_TASKS
+        assert plan.tasks == min(slots, tasks if tasks is not None else slots)
 
 
 @pytest.mark.parametrize("gpus", [0, 1, 8])
@@ -164,7 +173,7 @@ def test_gpu_plan_eight_gpus() -> None:
     assert sum(sizes.values()) == 12 and sizes["simple"] < sizes["medium"] < sizes["hard"]
     assert sizes == {"simple": 2, "medium": 4, "hard": 6}  # 12 x (8, 14, 20) / 42 = 2.3, 4, 5.7
     assert {p.num_gpus for p in graph.plan.pools.values()} == {0.5}  # two actors per GPU
-    assert_fits(graph.plan, nodes, {n: p.actors for n, p in graph.plan.pools.items()}, "cuda", 4)
+    assert_fits(graph.plan, nodes, {n: p.actors for n, p in graph.plan.pools.items()}, "cuda", 1000)
     # with a scoring actor, one Patch-DiT slot less; two nodes of 8: light stages grow with the GPUs
     assert gpu_pool_counts(8, fused=False, score_actors=1) == (2, 2, 11)
     assert gpu_pool_counts(16, fused=False) == (3, 3, 26)
@@ -193,3 +202,56 @@ def test_layout_choice_and_single_layout_size() -> None:
     assert math.isclose(sum(p.actors * p.num_cpus for p in graph.plan.pools.values()), 2.0)
     graph = plan_graph(cfg, [Node(64)], layout="single", todo=1000, counts={}, steps=(8, 14, 20))
     assert graph.plan.pools["image"].actors == 64 and graph.batch == 4
+
+
+# --- read/decode tasks and memory at cluster scale (issue 18) -----------------------------------------
+
+GiB = 2**30
+
+
+@pytest.mark.parametrize("gpus", [0, 1, 8])
+@pytest.mark.parametrize("cpus", [8, 32, 96])
+def test_read_decode_tasks_follow_the_free_cpus(cpus: int, gpus: int) -> None:
+    """1-64 nodes x 8-96 CPUs x 0-8 GPUs, the pools layout with the GPU plan's actor counts: no fixed
+    cap; the tasks fill what the actors leave free, so they grow with the cluster; a user cap holds."""
+    last = 0
+    for count in (1, 2, 8, 64):
+        nodes = [Node(cpus=cpus, gpus=gpus, memory=256 * GiB)] * count
+        device = "cuda" if gpus else "cpu"
+        grm, assemble, dit = gpu_pool_counts(count * gpus, fused=False) if gpus else (1, 1, 3)
+        pools = {"grm": grm, **dict(zip(GROUP_POOLS, dit_split(dit), strict=True)), "assemble": assemble}
+        memory = actor_memory(model_bytes=4 * GiB, max_pixels=2048 * 2048)
+        plan = plan_resources(nodes, pools, device=device, tasks=None, memory_per_actor=memory)
+        if count <= 8:  # the independent placement check is slow for a thousand actors
+            assert_fits(plan, nodes, pools, device, None)
+        assert fits(nodes, plan.requests())
+        free = count * cpus - sum(p.actors * p.num_cpus for p in plan.pools.values())
+        assert plan.tasks == task_slots(nodes, count * cpus - free, plan.task_cpus)
+        assert plan.tasks >= free / plan.task_cpus - 1  # every free CPU is used ...
+        assert plan.tasks > 4 or free < 5 * plan.task_cpus  # ... and more than 4 where they allow
+        assert plan.tasks >= last  # more nodes, more tasks
+        last = plan.tasks
+        assert {p.memory for p in plan.pools.values()} == {memory} and not plan.notes
+        capped = plan_resources(nodes, pools, device=device, tasks=6, memory_per_actor=memory)
+        assert capped.tasks == min(6, plan.tasks) and capped.pools == plan.pools
+
+
+def dit_split(total: int) -> list[int]:
+    return [max(1, total // 3), max(1, total // 3), max(1, total - 2 * (total // 3))]
+
+
+def test_actor_memory_formula_and_a_node_too_small_for_it() -> None:
+    # ACTOR_BASE_BYTES + model + BYTES_PER_PIXEL x pixel limit, in whole MiB (docs/pipeline.md)
+    assert actor_memory(model_bytes=0, max_pixels=1024 * 1024) == 1 * GiB + 448 * 2**20
+    assert actor_memory(model_bytes=3 * GiB + 1, max_pixels=4096 * 4096) == 4 * GiB + 7 * GiB + 2**20
+    want = actor_memory(model_bytes=0, max_pixels=4096 * 4096)  # 8 GiB
+    nodes = [Node(cpus=8, memory=12 * GiB)]  # two actors want 16 GiB of 12: each gets an equal 6 GiB
+    plan = plan_resources(nodes, {"image": 2}, device="cpu", tasks=0, memory_per_actor=want)
+    assert plan.pools["image"].memory == 6 * GiB and plan.memory_wanted == want
+    assert len(plan.notes) == 1 and "--max-pixels" in plan.notes[0]
+    assert_fits(plan, nodes, {"image": 2}, "cpu", 0)
+    # memory is placed per node: 3 actors of 6 GiB do not fit on two nodes of 10 GiB (20 GiB in all)
+    plan = plan_resources([Node(4, memory=10 * GiB)] * 2, {"image": 3}, device="cpu", tasks=0,
+                          memory_per_actor=want)
+    assert plan.pools["image"].memory == 5 * GiB
+    assert not fits([Node(4, memory=10 * GiB)] * 2, [(1.0, 0.0, 6 * GiB)] * 3)
