@@ -288,7 +288,7 @@ def pipeline_dataset(cfg: PipelineConfig, blocks: list[tuple[str, int]], graph: 
         ds = ds.map_batches(  # batch_size=None: whole blocks, so images stay whole
             PatchDiTStage, batch_size=None, batch_format="numpy", **_actor_args(pools[name], n),
             fn_constructor_kwargs={**model_args, "rtm": rtm, "mode": cfg.mode, "group": group,
-                                   "crash_marker": cfg.crash_marker},
+                                   "seed": cfg.seed, "crash_marker": cfg.crash_marker},
         )
     ds = ds.map_batches(
         AssembleStage, batch_size=None, batch_format="numpy", **_actor_args(pools["assemble"]),
