@@ -5,7 +5,8 @@ the driver's peak RSS, and resume against a manifest of a million rows.
     python bench/control_plane.py --sizes 1000 100000 --resume-rows 100000
 
 Inputs: hard links to a few small PNGs (``--base`` files of 16x12; ext4 allows 65,000 links a file), in
-folders of 1000, named by a generated ``--input-list`` text file (the job never lists the folders).
+folders of 1000 (the same 1000 names in each), named by a generated ``--input-list`` text file (the job
+never lists the folders).
 Each run is the command as a user runs it (a subprocess: ``patchscaler upscale-dataset``, a private
 local Ray, demo weights, default flags). Measured:
 
@@ -13,12 +14,14 @@ local Ray, demo weights, default flags). Measured:
   stopped: SIGINT, what finished is recorded);
 - **driver peak RSS**: the largest resident set of the command's own process (not Ray's workers),
   sampled every 0.1 s until the first image;
-- **resume**: a manifest of ``--resume-rows`` ok rows (outputs present: hard links too) plus 20 new
+- **resume**: a manifest of ``--resume-rows`` ok rows (outputs present: each folder of outputs is a
+  symbolic link to one folder of 1000 files of those names) plus 20 new
   inputs, run to the end, against the same 20 inputs into an empty output (the "20-image job alone").
 
 ``--phases``: the control plane alone, each size in a fresh process that loads the checkpoint as the
 command does (so its resident set starts where the command's does): ``plan_job`` (listing the input
-list, names, the manifest, the shards), then a private local Ray and the time until the first block of
+list, names, the manifest, the shards; the input files themselves are never opened, so only their
+names are generated), then a private local Ray and the time until the first block of
 the job plan's dataset (``build.source_dataset``) reaches the driver, and the process's peak RSS; and
 the resume: ``plan_job`` against a manifest of ``--resume-rows`` rows plus 20 new inputs, and the
 rewrite of the consolidated manifest (``manifest.consolidate_table``). On a machine shared with other
@@ -64,16 +67,20 @@ def make_base(folder: Path, count: int) -> list[Path]:
     return paths
 
 
-def link_tree(root: Path, base: list[Path], n: int, start: int = 0, ext: str = ".png") -> list[str]:
-    """``n`` hard links to the ``base`` files under ``root`` (folders of PER_FOLDER); their paths."""
-    paths = []
-    for i in range(start, start + n):
-        path = root / f"d{i // PER_FOLDER:04d}" / f"img{i:07d}{ext}"
-        if i % PER_FOLDER == 0 or i == start:
-            path.parent.mkdir(parents=True, exist_ok=True)
-        if not path.exists():
+def names(root: Path, n: int, start: int = 0) -> list[str]:
+    """Paths of inputs ``start .. start + n``: folders of PER_FOLDER, the same file names in each."""
+    return [str(root / f"d{i // PER_FOLDER:04d}" / f"img{i % PER_FOLDER:03d}.png")
+            for i in range(start, start + n)]
+
+
+def link_tree(root: Path, base: list[Path], n: int) -> list[str]:
+    """``n`` hard links to the ``base`` files under ``root`` (``names``); their paths."""
+    paths = names(root, n)
+    for i, path in enumerate(paths):
+        if i % PER_FOLDER == 0:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+        if not os.path.exists(path):
             os.link(base[i % len(base)], path)
-        paths.append(str(path))
     return paths
 
 
@@ -129,17 +136,18 @@ def run_to_end(inputs: Path, output: Path, listing: Path, timeout: float) -> dic
             "driver_peak_rss_mb": peak / 2**20, "lines": lines}
 
 
-def write_manifest(output: Path, sources: list[str], root: Path) -> None:
-    """One manifest part of ok rows for ``sources``, their outputs present (hard links)."""
+def write_manifest(output: Path, sources: list[str], root: Path, template: Path) -> None:
+    """One manifest part of ok rows for ``sources`` (whole folders of ``names``), their outputs present:
+    each output folder is a symbolic link to ``template``, a folder of PER_FOLDER files of those names."""
     from pipeline import schema as S
     from pipeline.manifest import part_uri
 
     n = len(sources)
     outputs = [str(output / os.path.relpath(s, root)) for s in sources]
-    for s, o in zip(sources, outputs, strict=True):
-        if not os.path.exists(o):
-            os.makedirs(os.path.dirname(o), exist_ok=True)
-            os.link(s, o)
+    output.mkdir(parents=True, exist_ok=True)
+    for folder in sorted({os.path.dirname(o) for o in outputs}):
+        if not os.path.lexists(folder):
+            os.symlink(template, folder, target_is_directory=True)
     columns = {f.name: pa.array(np.zeros(n, f.type.to_pandas_dtype())) for f in S.MANIFEST_SCHEMA
                if not pa.types.is_string(f.type)}
     strings = {"id": [S.image_id(s) for s in sources], "source": sources, "output": outputs,
@@ -246,7 +254,7 @@ def run_phase(root: Path, name: str, listing: Path, inputs: Path, output: Path, 
     return json.loads(lines[-1][len("PHASE "):])
 
 
-def phases(args: argparse.Namespace, root: Path, paths: list[str], inputs: Path) -> None:
+def phases(args: argparse.Namespace, root: Path, paths: list[str], inputs: Path, template: Path) -> None:
     rows = {}
     for n in args.sizes:
         listing = root / f"list_{n}.txt"
@@ -257,7 +265,7 @@ def phases(args: argparse.Namespace, root: Path, paths: list[str], inputs: Path)
     if args.resume_rows:
         out = root / "phase_out_resume"
         start = time.perf_counter()
-        write_manifest(out, paths[:args.resume_rows], inputs)
+        write_manifest(out, paths[:args.resume_rows], inputs, template)
         print(f"manifest of {args.resume_rows} rows and outputs in {time.perf_counter() - start:.1f} s",
               flush=True)
         listing = root / "list_resume.txt"
@@ -314,12 +322,14 @@ def main() -> None:
     base = make_base(root / "base", args.base)
     results: dict = {"first": {}, "resume": {}}
     biggest = max([*args.sizes, args.resume_rows + 20])
+    if args.phases:  # the files are never opened: names only
+        template = root / "template"
+        link_tree(template, base, PER_FOLDER)
+        phases(args, root, names(inputs, biggest), inputs, template / "d0000")
+        return
     start = time.perf_counter()
     paths = link_tree(inputs, base, biggest)
     print(f"{biggest} hard links in {time.perf_counter() - start:.1f} s", flush=True)
-    if args.phases:
-        phases(args, root, paths, inputs)
-        return
     for n in args.sizes:
         listing = root / f"list_{n}.txt"
         listing.write_text("\n".join(paths[:n]) + "\n")
@@ -334,7 +344,7 @@ def main() -> None:
         r20 = run_to_end(inputs, root / "out_20", alone, args.timeout)
         out = root / "out_resume"
         start = time.perf_counter()
-        write_manifest(out, paths[:args.resume_rows], inputs)
+        write_manifest(out, paths[:args.resume_rows], inputs, inputs / "d0000")
         print(f"manifest of {args.resume_rows} rows and outputs in {time.perf_counter() - start:.1f} s",
               flush=True)
         listing = root / "list_resume.txt"
