@@ -4,9 +4,10 @@ the driver's peak RSS, and resume against a manifest of a million rows.
     python bench/control_plane.py                          # 10^3, 10^5, 10^6 and the resume, ~10 min here
     python bench/control_plane.py --sizes 1000 100000 --resume-rows 100000
 
-Inputs: hard links to a few small PNGs (``--base`` files of 16x12; ext4 allows 65,000 links a file), in
-folders of 1000 (the same 1000 names in each), named by a generated ``--input-list`` text file (the job
-never lists the folders).
+Inputs: a generated ``--input-list`` text file of paths in folders of 1000 (the same 1000 names in each);
+the job never lists the folders. The files that are read before the first image (the first 2000 in the
+job's order) and the resume's 20 new inputs are hard links to a few small PNGs (``--base`` files of
+16x12); the rest are never opened before the job is stopped.
 Each run is the command as a user runs it (a subprocess: ``patchscaler upscale-dataset``, a private
 local Ray, demo weights, default flags). Measured:
 
@@ -327,9 +328,14 @@ def main() -> None:
         link_tree(template, base, PER_FOLDER)
         phases(args, root, names(inputs, biggest), inputs, template / "d0000")
         return
-    start = time.perf_counter()
-    paths = link_tree(inputs, base, biggest)
-    print(f"{biggest} hard links in {time.perf_counter() - start:.1f} s", flush=True)
+    paths = names(inputs, biggest)
+    start = time.perf_counter()  # the files that are read before the first image, and the 20 new ones
+    link_tree(inputs, base, min(biggest, 2 * PER_FOLDER))
+    for i in range(args.resume_rows, min(biggest, args.resume_rows + 20)):
+        os.makedirs(os.path.dirname(paths[i]), exist_ok=True)
+        if not os.path.exists(paths[i]):
+            os.link(base[i % len(base)], paths[i])
+    print(f"links in {time.perf_counter() - start:.1f} s", flush=True)
     for n in args.sizes:
         listing = root / f"list_{n}.txt"
         listing.write_text("\n".join(paths[:n]) + "\n")

@@ -140,7 +140,7 @@ def iter_listing(root: str, skip: str, options: dict[str, Any]) -> Iterator[str]
 
 def _resolve(root: str, name: str) -> str:
     """An input list's entry as a URI: URIs and absolute paths as they are, others under ``root``."""
-    if "://" in name or os.path.isabs(name):
+    if name.startswith("/") or "://" in name:
         return name
     return f"{root.rstrip('/')}/{name}" if is_remote(root) else os.path.join(root, name)
 
@@ -345,8 +345,9 @@ def plan_job(cfg: PipelineConfig, *, write: bool = True, sample: int = 64) -> Jo
     in_root, out_root, ext = normalize_root(cfg.input), cfg.output, EXTENSIONS[cfg.fmt]
     folders: set[str] = set()
     chunks, buf = [], []
+    inside_output = out_root.rstrip("/") + ("/" if is_remote(out_root) else os.sep)
     for source in iter_sources(cfg):
-        if not source.startswith(out_root.rstrip("/") + ("/" if is_remote(out_root) else os.sep)):
+        if not source.startswith(inside_output):
             buf.append(source)
         if len(buf) >= CHUNK:
             chunks.append(_columns(buf, in_root, ext, folders))

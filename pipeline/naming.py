@@ -52,7 +52,7 @@ def fold(path: str) -> str:
     """The form in which file systems may confuse two names: Unicode canonical caseless form (NFD of the
     case-folded NFD), each segment without trailing dots and spaces."""
     if path.isascii():  # the common case, without Unicode normalisation: the same result
-        return "/".join(seg.rstrip(". ") for seg in path.lower().split("/"))
+        return "/".join([seg.rstrip(". ") for seg in path.lower().split("/")])
     folded = unicodedata.normalize("NFD", unicodedata.normalize("NFD", path).casefold())
     return "/".join(seg.rstrip(". ") for seg in folded.split("/"))
 
