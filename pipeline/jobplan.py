@@ -303,8 +303,12 @@ def _wishes(rel: str, ext: str, contenders: int) -> list[str]:
 # --- the manifest --------------------------------------------------------------------------------
 
 
-def _present(outputs: list[str]) -> list[bool]:
-    return [os.path.exists(o) for o in outputs]
+def _present(outputs: pa.ChunkedArray) -> pa.Array:
+    """Whether each local output exists (a ``stat`` each, CHUNK names at a time)."""
+    flags: list[bool] = []
+    for start in range(0, len(outputs), CHUNK):
+        flags += [os.path.exists(o) for o in outputs.slice(start, CHUNK).to_pylist()]
+    return pa.array(flags, pa.bool_())
 
 
 def group_shares(cfg: PipelineConfig, rows: pa.Table | None = None) -> tuple[tuple[float, float, float], str]:
@@ -360,27 +364,28 @@ def plan_job(cfg: PipelineConfig, *, write: bool = True, sample: int = 64) -> Jo
     table = table.drop_columns(["fold"])
     if write:
         remove_partials(out_root)
-    cols = ["id", "status", "error", "finished_at", "source", "patches_simple", "patches_medium",
-            "patches_hard"]
+    cols = ["id", "status", "error", "finished_at", "patches_simple", "patches_medium", "patches_hard"]
     rows = read_latest(out_root, cfg.storage_options, cols)
     rows = rows.filter(pc.is_in(rows["id"], value_set=table["id"].combine_chunks()))
     shares = group_shares(cfg, rows.filter(pc.equal(rows["status"], S.STATUS_OK)))
     done = pa.array([], pa.string())
-    kept = rows.select(["id", "source", "error"]).slice(0, 0)
+    kept = pa.table({"id": pa.array([], pa.string()), "source": pa.array([], pa.string()),
+                     "error": pa.array([], pa.string())})
     if not cfg.overwrite:
         ok = rows.filter(pc.equal(rows["status"], S.STATUS_OK))["id"].combine_chunks()
         planned = table.filter(pc.is_in(table["id"], value_set=ok))
         if is_remote(out_root):  # an ok row's object was written whole before the row: trusted
             done = planned["id"].combine_chunks()
         else:
-            mask = pa.array(_present(planned["output"].to_pylist()), pa.bool_())
-            done = planned["id"].combine_chunks().filter(mask)
+            done = planned["id"].combine_chunks().filter(_present(planned["output"]))
         if cfg.score is not None and len(done):
             done = _scored(cfg, table, rows, done)
         if not cfg.retry_failed:
             failed = rows.filter(pc.equal(rows["status"], S.STATUS_ERROR))
             permanent = pa.array([is_permanent(e) for e in failed["error"].to_pylist()], pa.bool_())
-            kept = failed.filter(permanent).select(["id", "source", "error"])
+            kept = failed.filter(permanent).select(["id", "error"])
+            sources = table.filter(pc.is_in(table["id"], value_set=kept["id"].combine_chunks()))
+            kept = kept.join(sources.select(["id", "source"]), "id").select(["id", "source", "error"])
     skip = pa.concat_arrays([done, kept["id"].combine_chunks()]) if kept.num_rows else done
     todo = table.filter(pc.invert(pc.is_in(table["id"], value_set=skip)))
     plan = JobPlan(inputs=table.num_rows, todo=todo.num_rows, done=len(done),

@@ -93,13 +93,19 @@ def read_latest(output: str, options: dict[str, Any], columns: list[str] | None 
 
 
 def latest_table(rows: pa.Table) -> pa.Table:
-    """One row per id: the one finished last (of equal times, the one read last)."""
+    """One row per id: the one finished last (of equal times, the one read last). One copy of the table
+    (a sort of the ids and times, then one ``take``)."""
     if rows.num_rows < 2:
         return rows
-    rows = rows.take(pc.sort_indices(rows, sort_keys=[("id", "ascending"), ("finished_at", "ascending")]))
-    ids = rows["id"]
+    return rows.take(_latest_indices(rows))
+
+
+def _latest_indices(rows: pa.Table) -> pa.Array:
+    order = pc.sort_indices(rows.select(["id", "finished_at"]),
+                            sort_keys=[("id", "ascending"), ("finished_at", "ascending")])
+    ids = rows["id"].take(order)
     last = pc.not_equal(ids.slice(0, rows.num_rows - 1), ids.slice(1)).combine_chunks()
-    return rows.filter(pa.concat_arrays([last, pa.array([True])]))
+    return order.filter(pa.concat_arrays([last, pa.array([True])]))
 
 
 def remove_parts(output: str, names: list[str], options: dict[str, Any]) -> None:
@@ -140,8 +146,9 @@ def consolidate_table(output: str, ids: pa.Array, options: dict[str, Any]) -> pa
     """Write ``OUTPUT/manifest.parquet``: the latest row of every id in ``ids`` that has one, sorted by
     source (Arrow from end to end: a million rows take a few hundred MB, not gigabytes)."""
     rows = read_latest(output, options)
-    rows = rows.filter(pc.is_in(rows["id"], value_set=ids))
-    rows = rows.take(pc.sort_indices(rows, sort_keys=[("source", "ascending")]))
+    keep = pc.indices_nonzero(pc.is_in(rows["id"], value_set=ids))
+    order = pc.sort_indices(rows["source"].take(keep))
+    rows = rows.take(keep.take(order))  # one copy: the rows of ``ids``, by source
     buf = io.BytesIO()
     pq.write_table(rows, buf)
     write_bytes_atomic(join(output, MANIFEST_FILE), buf.getvalue(), options)
