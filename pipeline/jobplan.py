@@ -9,7 +9,7 @@
    name is wanted twice or is an output folder's; only those go through ``naming.output_names``, with
    the names already given as ``taken``. Same result as naming all inputs at once, checked injective.
 3. **Resume from the manifest**, not from a listing of the output root: the latest row per id of
-   ``_manifest/`` (Arrow, four columns), an anti-join of the planned ids against the finished ones
+   ``_manifest/`` (Arrow, seven columns), an anti-join of the planned ids against the finished ones
    (latest row ``ok`` and, on a local disk, the planned output present: one ``stat`` each; an object
    store's ``ok`` row is trusted: its object was written whole before the row). Permanent failures
    are kept unless ``--retry-failed``; with ``--score`` an image also needs its scores.
