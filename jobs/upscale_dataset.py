@@ -4,7 +4,9 @@ Runs on a private local Ray instance by default, or on an existing cluster with 
 the same command resumes: finished images (ok manifest row and output present) are skipped, and a job
 with nothing left to do does not start Ray. With ``--score psnr,piqe,…`` the same pass also scores every
 output with IQA metrics (``OUTPUT/scores.parquet``); with ``--maps`` it writes each image's group map
-(``OUTPUT/_maps/``). See ``docs/pipeline.md`` and ``docs/evaluation.md``.
+(``OUTPUT/_maps/``). ``--input-list`` names the inputs instead of a listing of ``--input``; ``--dry-run``
+prints what the job would do and cost (``pipeline/jobplan.py``) and runs no model. See
+``docs/pipeline.md`` and ``docs/evaluation.md``.
 """
 
 from __future__ import annotations
