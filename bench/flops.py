@@ -34,7 +34,6 @@ import dataclasses
 import json
 import shlex
 import sys
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,6 +42,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from patchscaler.config import PatchScalerConfig
+from patchscaler.flops import count_flops
 from patchscaler.grm import GRM
 from patchscaler.patch_dit import PatchDiT
 from patchscaler.patching import plan_grid
@@ -51,13 +51,6 @@ from patchscaler.presets import PRESETS
 from patchscaler.texture import TextureClassifier, TextureEncoder
 
 META = torch.device("meta")
-
-
-def count_flops(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> int:
-    """FLOPs of ``fn(*args, **kwargs)`` (matrix products, convolutions, attention) as torch counts them."""
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        fn(*args, **kwargs)
-    return int(counter.get_total_flops())
 
 
 @dataclass(frozen=True)

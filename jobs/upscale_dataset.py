@@ -4,7 +4,9 @@ Runs on a private local Ray instance by default, or on an existing cluster with 
 the same command resumes: finished images (ok manifest row and output present) are skipped, and a job
 with nothing left to do does not start Ray. With ``--score psnr,piqe,…`` the same pass also scores every
 output with IQA metrics (``OUTPUT/scores.parquet``); with ``--maps`` it writes each image's group map
-(``OUTPUT/_maps/``). See ``docs/pipeline.md`` and ``docs/evaluation.md``.
+(``OUTPUT/_maps/``). ``--input-list`` names the inputs instead of a listing of ``--input``; ``--dry-run``
+prints what the job would do and cost (``pipeline/jobplan.py``) and runs no model. See
+``docs/pipeline.md`` and ``docs/evaluation.md``.
 """
 
 from __future__ import annotations
@@ -114,6 +116,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--retry-failed", action="store_true",
                    help="also redo images that failed for good before (undecodable or too large files); "
                         "failed reads and writes are always retried")
+    p.add_argument("--input-list", default=None, metavar="FILE",
+                   help="the inputs, instead of listing --input: a text file (one path or URI a line, "
+                        "relative ones under --input), or a .csv/.parquet file with a key column (an S3 "
+                        "Inventory report: bucket,key); local or s3://")
+    p.add_argument("--dry-run", action="store_true",
+                   help="count inputs, done and to do, pixels, patches, patch-steps and GPU-hours, and "
+                        "print the resource plan; runs no model")
+    p.add_argument("--tflops", type=positive_float, default=400.0,
+                   help="--dry-run: sustained TFLOP/s of one GPU for the GPU-hour estimate")
+    p.add_argument("--dry-run-sample", type=positive_int, default=1000, metavar="N",
+                   help="--dry-run: read the headers of at most N inputs (evenly spaced) and extrapolate")
     add_pipeline_arguments(p)
 
 
@@ -272,24 +285,29 @@ def run(args: argparse.Namespace) -> int:
     from jobs.checks import UsageError, check_exists, check_output, short
     from jobs.evaluate import check_metric_weights
     from pipeline.io import normalize_root, storage_options
-    from pipeline.runner import plan_inputs, plan_job, run_pipeline
+    from pipeline.jobplan import list_sources
+    from pipeline.runner import plan_job, run_pipeline
 
     if args.score:
         check_metric_weights(args.score, args.metric_cache, flag="--score")
     options = storage_options(args.s3_endpoint)
     check_exists(args.input, options, what="--input")
+    if args.input_list:
+        check_exists(args.input_list, options, what="--input-list")
     check_output(args.output, options)
     if args.score_hr:
         check_exists(args.score_hr, options, what="--score-hr")
     check_pipeline_args(args, options)
     cfg = pipeline_config(args, input=args.input, output=args.output, device=args.device, options=options)
-    cfg.maps = args.maps
+    cfg.maps, cfg.input_list = args.maps, args.input_list
     try:
         if args.score:
             cfg.score = score_config(args, args.score, options)
             if args.score_hr:
-                sources = plan_inputs(cfg)[0]
-                cfg.score_pairs = hr_pairs(sources, normalize_root(args.input), args.score_hr, options)
+                cfg.score_pairs = hr_pairs(list_sources(cfg), normalize_root(args.input), args.score_hr,
+                                           options)
+        if args.dry_run:
+            return dry_run(args, cfg)
         plan = plan_job(cfg)
     except (FileNotFoundError, ValueError) as exc:
         raise UsageError(short(exc)) from None
@@ -318,6 +336,82 @@ def check_cluster_storage(args: argparse.Namespace) -> None:
         paths["--score-hr"] = args.score_hr
     nodes = sum(bool(n.get("Alive")) for n in ray.nodes())
     check_shared_storage(paths, nodes=nodes, shared_fs=args.shared_fs)
+
+
+def plan_nodes(args: argparse.Namespace) -> list[Any]:
+    """The nodes to plan for: the cluster's with ``--address`` (connecting starts no actor), else this
+    machine's CPUs and GPUs, as a private local Ray would see them."""
+    from pipeline.plan import Node
+
+    if args.address:
+        from jobs.runtime import start_ray as start
+        from pipeline.build import cluster_nodes
+
+        start(args.address, verbose=args.verbose)
+        return cluster_nodes()
+    gpus = 0
+    try:
+        import torch
+
+        gpus = torch.cuda.device_count()
+    except Exception:  # no usable CUDA here
+        gpus = 0
+    return [Node(cpus=float(os.cpu_count() or 1), gpus=gpus)]
+
+
+def dry_run(args: argparse.Namespace, cfg: Any) -> int:
+    """``--dry-run``: what the job would do and cost; writes nothing, runs no model."""
+    from patchscaler.flops import patch_step_flops
+    from patchscaler.weights import load_config
+    from pipeline.build import plan_graph
+    from pipeline.jobplan import estimate, plan_job
+    from pipeline.plan import PlanError
+    from pipeline.runner import sampler_steps
+    from pipeline.single import can_fuse
+
+    plan = plan_job(cfg, write=False, sample=args.dry_run_sample)
+    config = load_config(args.weights)
+    est = estimate(config, plan, cfg.storage_options, mode=cfg.mode)
+    kept = f", {len(plan.kept)} failed before (not retried)" if len(plan.kept) else ""
+    print(f"{plan.inputs} inputs: {plan.todo} to do, {plan.done} already done{kept}")
+    how = (f"from the headers of {est.sampled} of them, extrapolated" if est.extrapolated
+           else f"from the headers of all {est.sampled}")
+    unread = f"; {est.failed} sampled files are not images" if est.failed else ""
+    print(f"to do: {est.pixels / 1e6:,.4g} Mpixels in, {est.patches:,.0f} latent patches ({how}{unread})")
+    shares = "/".join(f"{x:.2f}" for x in plan.shares)
+    print(f"patch-steps: {est.patch_steps:,.0f} with group shares {shares} (simple/medium/hard, "
+          f"{plan.shares_from}), steps {'/'.join(map(str, config.sampler.steps))}, mode "
+          f"{cfg.mode or config.sampler.mode}")
+    step, once = patch_step_flops(config)
+    flops = est.patch_steps * step + est.patches * once
+    hours = flops / (args.tflops * 1e12) / 3600
+    print(f"Patch-DiT: {flops / 1e12:,.4g} TFLOP ({step / 1e9:.4g} GFLOP a patch-step with the prompt "
+          f"cache): {hours:,.4g} GPU-hours at {args.tflops:g} TFLOP/s (the light stages add about 11% "
+          f"at the paper preset, docs/pipeline.md)")
+    nodes = plan_nodes(args)
+    if args.device == "auto":  # as start_ray decides: the cluster's GPUs count
+        cfg.device = "cuda" if any(n.gpus for n in nodes) else "cpu"
+    if not plan.todo:
+        print("nothing to do: no resource plan")
+        return 0
+    counts = {g: round(x * 1_000_000) for g, x in enumerate(plan.shares)}
+    layout = cfg.resolved_layout(plan.todo)
+    try:
+        graph = plan_graph(cfg, nodes, layout=layout, todo=plan.todo, counts=counts,
+                           steps=sampler_steps(config, cfg.mode), fused_ok=can_fuse(config, cfg.mode))
+    except PlanError as exc:
+        print(f"resource plan: {exc}")
+        return 2
+    where = f"cluster at {args.address}" if args.address else "this machine"
+    print(f"resource plan on {len(nodes)} node(s) of {where} "
+          f"({', '.join(f'{n.cpus:g} CPU + {n.gpus} GPU' for n in nodes)}), device {cfg.device}:")
+    for name, pool in graph.plan.pools.items():
+        gpu = f" + {pool.num_gpus:g} GPU" if pool.num_gpus else ""
+        print(f"  {name}: {pool.actors} actor(s) x {pool.num_cpus:g} CPU{gpu}")
+    if graph.plan.tasks:
+        print(f"  read/decode: up to {graph.plan.tasks} task(s) x {graph.plan.task_cpus:g} CPU")
+    print(f"  layout {graph.layout}, {graph.plan.actors} model actors; nothing was run (--dry-run)")
+    return 0
 
 
 def load_assets_starting_ray(args: argparse.Namespace) -> tuple[Any, str]:

@@ -5,7 +5,7 @@ Two layouts (``--layout``; ``auto`` picks, see ``plan.choose_layout``):
 
 ``single`` (default on CPU and for small GPU jobs)::
 
-    from_items -> image actors: read, decode, GRM, Patch-DiT (all groups), assemble, write
+    job plan shards -> image actors: read, decode, GRM, Patch-DiT (all groups), assemble, write
       -> [score actors] -> manifest rows to the driver
 
 One actor per CPU (or GPU), at most one per block of images; each builds one model from the driver's
@@ -13,7 +13,7 @@ copy in the object store (``pipeline/shared.py``). ``pipeline/single.py``.
 
 ``pools`` (per-group pools, the default for larger GPU jobs), one streaming execution::
 
-    from_items -> read (tasks) -> decode (tasks) -> GRM + explode into patch rows (actors)
+    job plan shards -> read (tasks) -> decode (tasks) -> GRM + explode into patch rows (actors)
       -> Patch-DiT simple pool (τ=400, N=8) -> medium pool (τ=700, N=14) -> hard pool (τ=1000, N=20)
       -> assemble: merge, decode, encode, write (actors)  -> [score actors] -> manifest rows
 
@@ -84,7 +84,7 @@ class PipelineConfig:
     mode: str | None = None  # None: the checkpoint's own sampler mode
     layout: str = "auto"  # auto | single | pools | fused (plan.choose_layout)
     fused: bool = False  # the pools layout with one Patch-DiT pool for all groups (= layout "fused")
-    window: int = 64  # at most this many rows per manifest part (and images per pool-sizing probe)
+    window: int = 64  # at most this many rows per manifest part
     commit_seconds: float = 2.0  # finished rows are recorded at least this often
     actors: int | None = None  # actors of the single layout (None: one per CPU or GPU, <= blocks)
     grm_actors: int | None = None  # None: 1 on CPU, plan.gpu_pool_counts on GPU
@@ -98,6 +98,7 @@ class PipelineConfig:
     overwrite: bool = False  # ignore the manifest: redo every image
     retry_failed: bool = False  # also redo images that failed permanently (undecodable files)
     sources: list[str] | None = None  # the inputs, all under `input` (None: every file under it)
+    input_list: str | None = None  # a file naming the inputs (pipeline/jobplan.py: iter_input_list)
     maps: bool = False  # write each image's group map to OUTPUT/_maps/ (pipeline/scores.py)
     score: ScoreConfig | None = None  # IQA-score the outputs in the same pass (pipeline/scores.py)
     score_dataset: str = ""  # dataset name of the score rows ("": the input folder's name)
@@ -252,18 +253,51 @@ def _actor_args(pool: Any, size: int | None = None) -> dict[str, Any]:
             "num_gpus": pool.num_gpus, **({"memory": pool.memory} if pool.memory else {})}
 
 
-def pipeline_dataset(cfg: PipelineConfig, items: list[dict[str, str]], graph: Graph, model: SharedModel,
-                     rtm: SharedRTM) -> Dataset:
-    """The whole graph over ``items`` (image id + meta); its rows are the images' manifest rows.
-    Build it inside ``unsplit_blocks()``."""
+class ReadShard:
+    """Ray Data task: one block of the job plan's shards (``pipeline/jobplan.py``: a row group of about
+    a thousand rows) -> the pipeline's first rows (image id + meta)."""
+
+    def __init__(self, *, storage_options: dict[str, Any]) -> None:
+        self.storage_options = storage_options
+
+    def __call__(self, batch: Any) -> dict[str, Any]:
+        from pipeline.jobplan import read_block, to_items
+
+        return to_items(read_block(batch["shard"][0].as_py(), batch["group"][0].as_py(),
+                                   self.storage_options))
+
+
+def source_dataset(cfg: PipelineConfig, blocks: list[tuple[str, int]], rows_per_block: int) -> Dataset:
+    """The todo rows of the job plan, ``rows_per_block`` images a block. Ray Data gets one small item
+    per shard block (about a thousand images each; a million images are a thousand items), reads each
+    in a task and cuts it into blocks of ``rows_per_block`` rows as it streams (a streaming
+    repartition, no barrier), so neither the driver nor the object store holds a block per image up
+    front. These tasks ask for no CPU: they read a few KB each and must never wait behind the actors,
+    which may hold every CPU (the single layout)."""
     import ray
+
+    ds = ray.data.from_items([{"shard": uri, "group": g} for uri, g in blocks],
+                             override_num_blocks=max(1, len(blocks)))
+    ds = ds.map_batches(ReadShard(storage_options=cfg.storage_options), batch_size=1, batch_format="pyarrow",
+                        num_cpus=0, concurrency=1)
+    ds = ds.repartition(target_num_rows_per_block=rows_per_block)
+    # Dataset.repartition takes no resource arguments; its tasks would ask for Ray Data's default of
+    # one CPU, which the actors may all hold: ask for none (the logical operator's remote args).
+    ds._logical_plan.dag.ray_remote_args["num_cpus"] = 0
+    return ds
+
+
+def pipeline_dataset(cfg: PipelineConfig, blocks: list[tuple[str, int]], graph: Graph, model: SharedModel,
+                     rtm: SharedRTM) -> Dataset:
+    """The whole graph over the job plan's ``blocks`` (``jobplan.JobPlan.blocks``); its rows are the
+    images' manifest rows. Build it inside ``unsplit_blocks()``."""
     from ray.data import TaskPoolStrategy
 
     pools = graph.plan.pools
     model_args = {"weights": model, "device": cfg.device, "autoencoder": cfg.autoencoder,
                   "precision": cfg.precision}
     score = cfg.score is not None
-    ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
+    ds = source_dataset(cfg, blocks, graph.batch if graph.layout == "single" else 1)
     if graph.layout == "single":
         from pipeline.single import ImageStage
 
@@ -295,7 +329,7 @@ def pipeline_dataset(cfg: PipelineConfig, items: list[dict[str, str]], graph: Gr
         ds = ds.map_batches(  # batch_size=None: whole blocks, so images stay whole
             batch_size=None, batch_format="numpy", **_actor_args(pools[name], n),
             **_guarded(graph, cfg, PatchDiTStage, {**model_args, "rtm": rtm, "mode": cfg.mode, "group": group,
-                                                   "crash_marker": cfg.crash_marker}, name),
+                                                   "seed": cfg.seed, "crash_marker": cfg.crash_marker}, name),
         )
     ds = ds.map_batches(
         batch_size=None, batch_format="numpy", **_actor_args(pools["assemble"]),
@@ -359,12 +393,13 @@ def failure_policy(cfg: PipelineConfig, *, todo: int, batch: int) -> Iterator[No
             setattr(ctx, name, value)
 
 
-def iter_manifest_rows(cfg: PipelineConfig, items: list[dict[str, str]], graph: Graph, model: SharedModel,
+def iter_manifest_rows(cfg: PipelineConfig, blocks: list[tuple[str, int]], graph: Graph, model: SharedModel,
                        rtm: SharedRTM) -> Iterator[dict[str, Any]]:
-    """Run the graph over ``items``, yielding each image's manifest row as soon as it is written (with
-    its score rows as JSON in ``schema.IQA`` when scoring). Closing the generator ends the execution."""
+    """Run the graph over the job plan's ``blocks``, yielding each image's manifest row as soon as it
+    is written (with its score rows as JSON in ``schema.IQA`` when scoring). Closing the generator ends
+    the execution."""
     with unsplit_blocks(), failure_policy(cfg, todo=graph.todo, batch=graph.batch):
-        ds = pipeline_dataset(cfg, items, graph, model, rtm)
+        ds = pipeline_dataset(cfg, blocks, graph, model, rtm)
     # prefetch_batches=0: with the default of 1 a block is handed over only once the next one has
     # arrived, so every row reached the driver (and the manifest) one model call late
     batches = iter(ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0))

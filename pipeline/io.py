@@ -41,6 +41,7 @@ PARTIAL = ".partial-"
 MANIFEST_DIR = "_manifest"
 SCORES_DIR = "_scores"  # IQA score parts (`upscale-dataset --score`)
 MAPS_DIR = "_maps"  # per-image group maps (`upscale-dataset --maps`)
+WORK_DIR = "_jobplan"  # the job plan's shards of the inputs to do (pipeline/jobplan.py)
 REFUSED = "refused:"  # plan_outputs' value for an input it refuses, followed by the reason
 T = TypeVar("T")
 
@@ -197,8 +198,8 @@ def _is_hidden(segment: str) -> bool:
 def list_files(root: str, options: dict[str, Any]) -> list[str]:
     """Every file under ``root`` (recursive, sorted), as URIs of the same kind as ``root``, each key
     exactly as stored (``in//x.png`` and ``in/x.png`` are two files). Left out: hidden files and folders
-    (``.name``), the pipeline's own ``_manifest`` folder, and S3 folder markers (keys ending in ``/``).
-    A single file is a list of one. ``FileNotFoundError`` when ``root`` does not exist."""
+    (``.name``), the pipeline's own ``_manifest`` and ``_jobplan`` folders, and S3 folder markers (keys
+    ending in ``/``). A single file is a list of one. ``FileNotFoundError`` when ``root`` does not exist."""
     fs, path = filesystem(root, options)
 
     def find() -> tuple[bool, list[str]]:
@@ -217,7 +218,7 @@ def list_files(root: str, options: dict[str, Any]) -> list[str]:
     for key in found:
         rel = key[len(base):][1:]  # exactly what follows "base/"
         parts = rel.split("/")
-        if rel.endswith("/") or any(_is_hidden(p) for p in parts) or parts[0] == MANIFEST_DIR:
+        if rel.endswith("/") or any(_is_hidden(p) for p in parts) or parts[0] in (MANIFEST_DIR, WORK_DIR):
             continue
         out.append(_full_uri(fs, root, key))
     return sorted(set(out))

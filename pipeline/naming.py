@@ -37,8 +37,10 @@ from __future__ import annotations
 import hashlib
 import posixpath
 import unicodedata
+from collections.abc import Iterable
+from typing import Any
 
-RESERVED = ("_manifest", "_maps", "_scores", "manifest.parquet", "scores.parquet")
+RESERVED = ("_manifest", "_maps", "_scores", "_jobplan", "manifest.parquet", "scores.parquet")
 HASH_DIGITS = 8
 
 
@@ -49,6 +51,8 @@ class UnsafeName(ValueError):
 def fold(path: str) -> str:
     """The form in which file systems may confuse two names: Unicode canonical caseless form (NFD of the
     case-folded NFD), each segment without trailing dots and spaces."""
+    if path.isascii():  # the common case, without Unicode normalisation: the same result
+        return "/".join([seg.rstrip(". ") for seg in path.lower().split("/")])
     folded = unicodedata.normalize("NFD", unicodedata.normalize("NFD", path).casefold())
     return "/".join(seg.rstrip(". ") for seg in folded.split("/"))
 
@@ -86,18 +90,26 @@ def _candidates(rel: str, segments: list[str], ext: str) -> list[str]:
     return out
 
 
-def output_names(rels: dict[str, str], ext: str) -> dict[str, str | UnsafeName]:
+def first_name(rel: str, ext: str) -> str:
+    """Rule 1's name of ``rel`` (what it gets unless another input wants it too); ``UnsafeName``."""
+    segments = _segments(rel)
+    return "/".join([*segments[:-1], f"{posixpath.splitext(segments[-1])[0]}.{ext}"])
+
+
+def output_names(rels: dict[Any, str], ext: str, *, taken: Iterable[str] = ()) -> dict[Any, str | UnsafeName]:
     """``rels``: input id (e.g. its URI) -> its exact path under the input root, ``/``-separated, as
     found (double slashes, ``.`` segments and all). Returns input id -> its output path under the output
-    root (``/``-separated, no empty, ``.`` or ``..`` segment), or the ``UnsafeName`` that refuses it."""
-    out: dict[str, str | UnsafeName] = {}
+    root (``/``-separated, no empty, ``.`` or ``..`` segment), or the ``UnsafeName`` that refuses it.
+    ``taken``: folded names already given to other inputs, or output folders of theirs
+    (``pipeline/jobplan.py`` names the many inputs that want a name of their own without this)."""
+    out: dict[Any, str | UnsafeName] = {}
     wishes: dict[str, list[str]] = {}
     for key, rel in rels.items():
         try:
             wishes[key] = _candidates(rel, _segments(rel), ext)
         except UnsafeName as exc:
             out[key] = exc
-    taken: set[str] = set()  # the folded names given so far, and every output folder
+    taken = set(taken)  # the folded names given so far, and every output folder
     for names in wishes.values():
         parts = names[0].split("/")[:-1]
         taken.update(fold("/".join(parts[:i])) for i in range(1, len(parts) + 1))

@@ -1,19 +1,20 @@
 """The driver of ``upscale-dataset``: list, skip what is finished, run, record.
 
-1. :func:`plan_job` (no Ray): list the inputs (every non-hidden file under ``--input``; outputs under the
-   input folder are left out), plan one output per input, drop the finished ones (``manifest.py``) and
-   the ones that failed permanently before (unless ``--retry-failed``), delete temp files a killed run
-   left in a local output folder. With nothing left to do the job ends here, without starting Ray.
+1. :func:`plan_job` (``pipeline/jobplan.py``, no Ray): list the inputs (every non-hidden file under
+   ``--input``, or ``--input-list``; outputs under the input folder are left out), plan one output per
+   input, drop the finished ones (from the manifest) and the ones that failed permanently before (unless
+   ``--retry-failed``), delete temp files a killed run left in a local output folder, and write what is
+   left as Parquet shards. With nothing left to do the job ends here, without starting Ray.
 2. :func:`run_pipeline`: run the rest as one streaming Ray Data execution (``build.py``); memory and
    object-store use are bounded by Ray Data's backpressure, not by the collection. A thread consumes
    the execution's rows while the driver records them (:class:`Recorder`: a manifest part at least every
    ``--commit-seconds``) and shows one progress line. A storage outage while recording does not stop
    the job: the rows stay in memory, are written at the next commit that succeeds, and the job ends
-   with its summary and exit code 1 if some never could be. With automatic pool sizes in the pools
-   layout and more than two windows to do, the first window runs alone and its patches per group size
-   the pools of the rest. The driver stops the job (exit 1, the manifest intact) when no image finished
-   for ``--stall-minutes`` or when more than ``--max-error-rate`` of the first 100 images failed; an
-   image that kills its actor is stopped by the ledger (``pipeline/faults.py``).
+   with its summary and exit code 1 if some never could be. Automatic Patch-DiT pool sizes follow the
+   plan's expected group shares (``jobplan.group_shares``), so every actor starts once. The driver stops
+   the job (exit 1, the manifest intact) when no image finished for ``--stall-minutes`` or when more than
+   ``--max-error-rate`` of the first 100 images failed; an image that kills its actor is stopped by the
+   ledger (``pipeline/faults.py``).
 3. Rewrite the consolidated manifest (and ``scores.parquet`` when scoring) and print a summary that
    lists the failed images.
 
@@ -34,21 +35,18 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-import pandas as pd
-
 from pipeline import schema as S
 from pipeline import scores as Q
-from pipeline.build import GROUP_KEYS, PipelineConfig, cluster_nodes, iter_manifest_rows, plan_graph
-from pipeline.decode import EXTENSIONS, FORMATS
-from pipeline.io import SCORES_DIR, join, list_files, normalize_root, plan_outputs, remove, remove_partials
+from pipeline.build import PipelineConfig, cluster_nodes, iter_manifest_rows, plan_graph
+from pipeline.io import SCORES_DIR, join, remove
+from pipeline.jobplan import JobPlan, clear_work, plan_job, todo_rows
 from pipeline.manifest import (
     COMPACT_EVERY,
     MANIFEST_FILE,
     consolidate,
+    consolidate_table,
     finished_ids,
-    latest,
     part_uri,
-    permanent_failures,
     read_manifest,
     read_parts,
     remove_parts,
@@ -58,7 +56,7 @@ from pipeline.progress import Progress
 from pipeline.shared import LoadedAssets
 
 # the manifest functions live in manifest.py; these names stay importable from here
-__all__ = ["MANIFEST_FILE", "PipelineConfig", "Summary", "consolidate", "finished_ids", "part_uri",
+__all__ = ["MANIFEST_FILE", "JobPlan", "PipelineConfig", "Summary", "consolidate", "finished_ids", "part_uri",
            "plan_job", "read_manifest", "read_parts", "run_pipeline", "write_part"]
 SHOWN_FAILURES = 20
 _IN_MEMORY = re.compile(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>")
@@ -73,15 +71,6 @@ def _short(exc: BaseException) -> str:
     """``Type: first line of the message`` (Ray errors carry whole tracebacks), at most 300 chars."""
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
-
-
-@dataclass
-class JobPlan:
-    sources: list[str]
-    planned: dict[str, str]  # image id -> output URI
-    todo: list[dict[str, str]]  # the items to run (image id + meta)
-    done: int  # finished by an earlier run
-    kept: pd.DataFrame  # latest rows of permanent failures that are not retried
 
 
 @dataclass
@@ -140,54 +129,6 @@ class Summary:
         return lines
 
 
-def plan_inputs(cfg: PipelineConfig) -> tuple[list[str], dict[str, str]]:
-    """(sources, output URI per source) for the normalised input and output roots of ``cfg``."""
-    in_root, out_root = normalize_root(cfg.input), normalize_root(cfg.output)
-    if cfg.sources is not None:
-        sources = sorted(set(cfg.sources))
-        outside = [s for s in sources if not s.startswith(in_root.rstrip("/") + "/") and s != in_root]
-        if outside:
-            raise ValueError(f"inputs outside the input root {in_root}: {outside[:3]}")
-    else:
-        sources = [s for s in list_files(in_root, cfg.storage_options)
-                   if not s.startswith(out_root.rstrip("/") + "/")]
-    if cfg.fmt not in FORMATS:
-        raise ValueError(f"unknown output format {cfg.fmt!r}; choose one of {sorted(FORMATS)}")
-    return sources, plan_outputs(sources, in_root, out_root, EXTENSIONS[cfg.fmt])
-
-
-def _item(cfg: PipelineConfig, source: str, output: str) -> dict[str, str]:
-    meta = S.new_meta(source=source, output=output, map_uri=Q.map_uri(cfg.output, output) if cfg.maps else "",
-                      eval_info=Q.eval_info(cfg, source) if cfg.score is not None else None)
-    return {S.IMAGE_ID: S.image_id(source), S.META: S.dump_meta(meta)}
-
-
-def plan_job(cfg: PipelineConfig) -> JobPlan:
-    """What this run has to do; reads the manifest, never starts Ray. With ``cfg.score`` the metric
-    weights are checked first (``eval.metrics.MissingWeightsError``)."""
-    if cfg.score is not None:
-        from eval.metrics import check_weights, resolve_cache_dir
-
-        check_weights(cfg.score.metrics, resolve_cache_dir(cfg.score.cache_dir))
-    cfg.output = normalize_root(cfg.output)
-    sources, outputs = plan_inputs(cfg)
-    remove_partials(cfg.output)
-    planned = {S.image_id(s): outputs[s] for s in sources}
-    rows = latest(read_parts(cfg.output, cfg.storage_options))
-    done: set[str] = set()
-    kept = rows.iloc[0:0]
-    if not cfg.overwrite:
-        done = finished_ids(cfg.output, planned, cfg.storage_options, rows)
-        if cfg.score is not None and done:  # and scored with every metric they should get
-            required = {S.image_id(s): Q.required_metrics(cfg, Q.eval_info(cfg, s)) for s in sources}
-            done &= Q.scored_ids(cfg.output, rows, {i: required[i] for i in done}, cfg.storage_options)
-        if not cfg.retry_failed:
-            kept = permanent_failures(rows, planned)
-    skip = done | set(kept["id"])
-    todo = [_item(cfg, s, outputs[s]) for s in sources if S.image_id(s) not in skip]
-    return JobPlan(sources=sources, planned=planned, todo=todo, done=len(done), kept=kept)
-
-
 def sampler_steps(config: Any, mode: str | None) -> tuple[int, int, int]:
     """Model calls per patch of each group, for sizing the pools (uniform: the hard group's)."""
     steps = tuple(config.sampler.steps)
@@ -195,10 +136,23 @@ def sampler_steps(config: Any, mode: str | None) -> tuple[int, int, int]:
 
 
 def lost_row(item: dict[str, str], cfg: PipelineConfig, sampling: str, why: str) -> dict[str, Any]:
-    """The manifest row of an image the execution did not return (redone by the next run)."""
-    meta = S.fail(S.load_meta(item[S.META]), "pipeline", RuntimeError(why))
-    return S.manifest_row(meta, image_id_=item[S.IMAGE_ID], sampling=sampling, seed=cfg.seed,
+    """The manifest row of an image the execution did not return (redone by the next run); ``item``:
+    its job plan row (id, source, output)."""
+    meta = S.fail(S.new_meta(source=item["source"], output=item["output"]), "pipeline", RuntimeError(why))
+    return S.manifest_row(meta, image_id_=item["id"], sampling=sampling, seed=cfg.seed,
                           finished_at=time.time())
+
+
+def lost_items(plan: JobPlan, returned: set[str], options: dict[str, Any]) -> list[dict[str, str]]:
+    """The job plan rows (id, source, output) whose ids did not come back, read from its shards."""
+    if len(returned) >= plan.todo:
+        return []
+    out = []
+    for block in todo_rows(plan, options):
+        for row in block.select(["id", "source", "output"]).to_pylist():
+            if row["id"] not in returned:
+                out.append(row)
+    return out
 
 
 class Recorder:
@@ -282,13 +236,6 @@ class Recorder:
             self.merge()
 
 
-def executions(cfg: PipelineConfig, layout: str, items: list[dict[str, str]]) -> list[list[dict[str, str]]]:
-    """One execution for all items, except that in the pools layout with automatic pool sizes a long
-    run first executes one window alone, whose patches per group then size the pools of the rest."""
-    probe = layout == "pools" and not isinstance(cfg.dit_actors, dict) and len(items) > 2 * cfg.window
-    return [items[:cfg.window], items[cfg.window:]] if probe else [items]
-
-
 def _pump(rows: Any, out: queue.Queue, stop: threading.Event) -> None:
     try:
         for row in rows:
@@ -326,8 +273,8 @@ def stop_reason(cfg: PipelineConfig, tally: _Tally, *, todo: int, idle: float) -
     return ""
 
 
-def _execute(cfg: PipelineConfig, todo: list[dict[str, str]], assets: LoadedAssets, recorder: Recorder,
-             progress: Progress, echo: bool) -> _Tally:
+def _execute(cfg: PipelineConfig, plan: JobPlan, assets: LoadedAssets, recorder: Recorder, progress: Progress,
+             echo: bool) -> _Tally:
     import ray
 
     from pipeline.faults import start_ledger
@@ -339,64 +286,60 @@ def _execute(cfg: PipelineConfig, todo: list[dict[str, str]], assets: LoadedAsse
     nodes = cluster_nodes()
     steps = sampler_steps(assets.model.config, cfg.mode)
     fused_ok = can_fuse(assets.model.config, cfg.mode)
-    layout = cfg.resolved_layout(len(todo))
-    counts = dict.fromkeys(range(3), 0)  # patches per group so far: sizes the pools
+    layout = cfg.resolved_layout(plan.todo)
+    counts = {g: round(share * 1_000_000) for g, share in enumerate(plan.shares)}  # only the ratio counts
     tally = _Tally()
-    for items in executions(cfg, layout, todo):
-        graph = plan_graph(cfg, nodes, layout=layout, todo=len(items), counts=counts, steps=steps,
-                           fused_ok=fused_ok, model_bytes=model_bytes)
-        tally.pools.append({name: p.actors for name, p in graph.plan.pools.items()})
-        if echo:
-            print(f"running {len(items)} images: {graph.describe()}", flush=True)
-            for note in graph.plan.notes:
-                print(f"note: {note}", flush=True)
-        graph.ledger = start_ledger()
-        pending = {i[S.IMAGE_ID]: i for i in items}
-        rows: queue.Queue = queue.Queue()
-        stream = iter_manifest_rows(cfg, items, graph, model, rtm)
-        stop = threading.Event()
-        threading.Thread(target=_pump, args=(stream, rows, stop), daemon=True, name="pipeline-rows").start()
-        why = "no result came back"
-        last = time.monotonic()
-        while True:
-            try:
-                kind, value = rows.get(timeout=0.5)
-            except queue.Empty:
-                kind, value = "", None
-            if kind == "row" and pending.pop(value["id"], None) is not None:
-                last = time.monotonic()
-                recorder.add(value)
-                for g, name in enumerate(GROUP_KEYS):
-                    counts[g] += int(value[f"patches_{name}"])
-                if value["status"] == S.STATUS_OK:
-                    tally.ok += 1
-                else:
-                    tally.failed += 1
-                    tally.failures.append((value["source"], recorder.rows[-1]["error"]))
-            elif kind == "error":
-                why = f"the pipeline stopped: {_short(value)}"
-                print(f"error: {why}", file=sys.stderr, flush=True)
-            elif kind == "end":
-                break
-            if recorder.due():
-                recorder.commit()
-            progress.update(tally.ok, tally.failed)
-            tally.stopped = stop_reason(cfg, tally, todo=len(todo), idle=time.monotonic() - last)
-            if tally.stopped:  # the images not run get no row: the next run does them
-                stop.set()
-                print(f"error: stopping the job: {tally.stopped}", file=sys.stderr, flush=True)
-                pending.clear()
-                break
-        with contextlib.suppress(Exception):
-            ray.kill(graph.ledger)
-        for item in pending.values():  # whatever did not come back is an error, redone next time
+    graph = plan_graph(cfg, nodes, layout=layout, todo=plan.todo, counts=counts, steps=steps,
+                       fused_ok=fused_ok, model_bytes=model_bytes)
+    tally.pools.append({name: p.actors for name, p in graph.plan.pools.items()})
+    if echo:
+        print(f"running {plan.todo} images: {graph.describe()}", flush=True)
+        for note in graph.plan.notes:
+            print(f"note: {note}", flush=True)
+    graph.ledger = start_ledger()
+    returned: set[str] = set()  # ids that came back (at a million images: about 100 MB)
+    rows: queue.Queue = queue.Queue()
+    stream = iter_manifest_rows(cfg, plan.blocks, graph, model, rtm)
+    stop = threading.Event()
+    threading.Thread(target=_pump, args=(stream, rows, stop), daemon=True, name="pipeline-rows").start()
+    why = "no result came back"
+    last = time.monotonic()
+    while True:
+        try:
+            kind, value = rows.get(timeout=0.5)
+        except queue.Empty:
+            kind, value = "", None
+        if kind == "row" and value["id"] not in returned:
+            last = time.monotonic()
+            returned.add(value["id"])
+            recorder.add(value)
+            if value["status"] == S.STATUS_OK:
+                tally.ok += 1
+            else:
+                tally.failed += 1
+                tally.failures.append((value["source"], recorder.rows[-1]["error"]))
+        elif kind == "error":
+            why = f"the pipeline stopped: {_short(value)}"
+            print(f"error: {why}", file=sys.stderr, flush=True)
+        elif kind == "end":
+            break
+        if recorder.due():
+            recorder.commit()
+        progress.update(tally.ok, tally.failed)
+        tally.stopped = stop_reason(cfg, tally, todo=plan.todo, idle=time.monotonic() - last)
+        if tally.stopped:  # the images not run get no row: the next run does them
+            stop.set()
+            print(f"error: stopping the job: {tally.stopped}", file=sys.stderr, flush=True)
+            break
+    with contextlib.suppress(Exception):
+        ray.kill(graph.ledger)
+    if not tally.stopped:
+        for item in lost_items(plan, returned, cfg.storage_options):  # an error each, redone next time
             row = lost_row(item, cfg, graph.sampling, why)
             recorder.add(row)
             tally.failed += 1
             tally.failures.append((row["source"], row["error"]))
-        recorder.commit()
-        if tally.stopped:
-            break
+    recorder.commit()
     return tally
 
 
@@ -409,28 +352,31 @@ def run_pipeline(cfg: PipelineConfig, *, echo: bool = True, plan: JobPlan | None
     plan = plan or plan_job(cfg)
     if echo:
         kept = f", {len(plan.kept)} failed before (not retried)" if len(plan.kept) else ""
-        print(f"{len(plan.sources)} inputs: {len(plan.todo)} to do, {plan.done} already done{kept}",
-              flush=True)
+        print(f"{plan.inputs} inputs: {plan.todo} to do, {plan.done} already done{kept}", flush=True)
     run_id = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
     recorder = Recorder(cfg, run_id)
     tally = _Tally()
-    bar = Progress(len(plan.todo), enabled=echo and progress)
+    bar = Progress(plan.todo, enabled=echo and progress)
     try:
         if plan.todo:
             if assets is None:
                 from pipeline.shared import load_assets
 
                 assets = load_assets(cfg.weights, cfg.rtm, autoencoder=cfg.autoencoder)
-            tally = _execute(cfg, plan.todo, assets, recorder, bar, echo)
+            tally = _execute(cfg, plan, assets, recorder, bar, echo)
     finally:  # also on Ctrl-C: what finished is recorded
         recorder.close()
         bar.close()
+        if plan.work:  # the shards: the next run writes its own
+            with contextlib.suppress(Exception):
+                clear_work(cfg.output, cfg.storage_options)
     storage_error = recorder.error
-    manifest = pd.DataFrame()
+    consolidated = 0
     try:
-        manifest = consolidate(cfg.output, [S.image_id(s) for s in plan.sources], cfg.storage_options)
+        table = consolidate_table(cfg.output, plan.ids, cfg.storage_options)
+        consolidated = table.num_rows
         if cfg.score is not None:
-            scores = Q.consolidate(cfg.output, manifest, cfg.storage_options)
+            scores = Q.consolidate(cfg.output, table.to_pandas(), cfg.storage_options)
             if echo:
                 nan, images = int(scores["value"].isna().sum()), scores["image_id"].nunique()
                 print(f"scores: {len(scores)} values ({recorder.scored} new, {nan} failed) of {images} "
@@ -438,11 +384,11 @@ def run_pipeline(cfg: PipelineConfig, *, echo: bool = True, plan: JobPlan | None
     except Exception as exc:  # storage outage at the very end: the parts that were written stay
         storage_error = storage_error or _short(exc)
     kept = [(r.source, r.error) for r in plan.kept.itertuples()]
-    summary = Summary(inputs=len(plan.sources), skipped=plan.done, ok=tally.ok, failed=tally.failed,
+    summary = Summary(inputs=plan.inputs, skipped=plan.done, ok=tally.ok, failed=tally.failed,
                       seconds=time.perf_counter() - start, parts=recorder.n, pools=tally.pools,
                       kept=len(plan.kept), unrecorded=len(recorder.rows), storage_error=storage_error,
                       failures=sorted(tally.failures) + sorted(kept), stopped=tally.stopped,
-                      manifest=join(cfg.output, MANIFEST_FILE) if not manifest.empty else "")
+                      manifest=join(cfg.output, MANIFEST_FILE) if consolidated else "")
     if echo:
         print("\n".join(summary.report()), flush=True)
     return summary

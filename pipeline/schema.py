@@ -34,11 +34,10 @@ ICC = "icc"
 EXIF = "exif"
 PATCH_INDEX = "patch_index"
 GROUP = "group"
-Y0 = "y0"  # (4, V, V) float32: coarse HR latent patch
-NOISE = "noise"  # (4, V, V) float32: epsilon of Eq. 7
+PATCH = "patch"  # (C, V, V) float32: the coarse HR latent patch y0, which its group's pool replaces by the
+# refined x0. Eq. 7's noise does not travel: the pool draws it again from the seed (stages.redraw_noise).
 SCORES = "scores"  # (K,) float32: RTM similarity scores
 RTM_IDX = "rtm_idx"  # (K,) int64: RTM entry ids
-X0 = "x0"  # (4, V, V) float32: refined patch
 SECONDS = "seconds"  # float64: Patch-DiT seconds spent on this patch (batch time / batch rows)
 ERROR = "error"  # str: a Patch-DiT failure for this patch, "" when fine
 # With scoring on (``upscale-dataset --score``) the assembler's manifest rows carry two more columns to the
@@ -49,12 +48,10 @@ IQA = "iqa_scores"  # JSON list: the image's score rows (pipeline.scores.RESULT_
 
 IMAGE_ROW = -1  # patch_index and group of an image row
 
-# Every row after the GRM stage has ROW_COLUMNS: the Patch-DiT pools fill x0/seconds/error of their
-# group's patch rows and pass the rest through, so blocks keep one schema along the chain. The regroup
-# by image only needs REFINED_COLUMNS.
-ROW_COLUMNS = (IMAGE_ID, PATCH_INDEX, GROUP, Y0, NOISE, SCORES, RTM_IDX, X0, SECONDS, ERROR, META, ALPHA,
-               ICC, EXIF)
-REFINED_COLUMNS = [IMAGE_ID, PATCH_INDEX, GROUP, X0, SECONDS, ERROR, META, ALPHA, ICC, EXIF]
+# Every row after the GRM stage has ROW_COLUMNS: the Patch-DiT pools refine the patch (and fill seconds and
+# error) of their group's rows and pass the rest through, so blocks keep one schema along the chain; one
+# latent a patch row (y0, then x0), not three (y0, noise, x0): a third of the bytes in the object store.
+ROW_COLUMNS = (IMAGE_ID, PATCH_INDEX, GROUP, PATCH, SCORES, RTM_IDX, SECONDS, ERROR, META, ALPHA, ICC, EXIF)
 
 STAGES = ("read", "decode", "grm", "dit", "assemble", "write")
 PLAN = "plan"  # the stage named in the error of an input refused by ``io.plan_outputs`` (no seconds)

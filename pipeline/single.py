@@ -29,7 +29,7 @@ class ImageStage:
         from pipeline.stages import AssembleStage, DecodeStage, GRMStage, PatchDiTStage, ReadStage
 
         model = {"weights": weights, "device": device, "autoencoder": autoencoder, "precision": precision}
-        dit = {"rtm": rtm, "mode": mode, "crash_marker": crash_marker}
+        dit = {"rtm": rtm, "mode": mode, "seed": seed, "crash_marker": crash_marker}
         groups = [None] if fused else [0, 1, 2]  # fused: all groups in one loop
         sampling = (mode or "checkpoint") + ("+fused" if fused else "")
         self.stages = [

@@ -21,7 +21,7 @@ import torch
 
 from patchscaler.diffusion import NoiseSchedule
 from patchscaler.model import PatchScalerModel
-from patchscaler.patching import plan_grid
+from patchscaler.patching import plan_grid, split_patches
 from patchscaler.precision import resolve_precision
 from patchscaler.sampling import fused_refine_patches
 from patchscaler.upscaler import finish, group_map, plan_patches, refine, restore, retrieve
@@ -110,7 +110,7 @@ def explode(
     image_id: str, meta: dict[str, Any], side: tuple[bytes, bytes, bytes], tensors: dict[str, np.ndarray],
 ) -> Batch:
     """One image -> its image row followed by one row per patch (``schema.ROW_COLUMNS``)."""
-    m = len(tensors[S.Y0])
+    m = len(tensors[S.PATCH])
     groups = tensors.pop(S.GROUP)
     out: Batch = {
         S.IMAGE_ID: S.object_column([image_id] * (m + 1)),
@@ -119,7 +119,6 @@ def explode(
     }
     for name, value in tensors.items():
         out[name] = np.concatenate([np.zeros((1, *value.shape[1:]), value.dtype), value])
-    out[S.X0] = np.zeros_like(out[S.Y0])
     out[S.SECONDS] = np.zeros(m + 1, np.float64)
     out[S.ERROR] = S.object_column([""] * (m + 1))
     out[S.META] = S.object_column([S.dump_meta(meta)] + [""] * m)
@@ -153,7 +152,7 @@ class GRMStage:
         self.seed = seed
         cfg = self.model.config
         c, v, k = cfg.latent_channels, cfg.sampler.patch_size, cfg.texture_encoder.top_k
-        self.empty = {S.Y0: np.zeros((0, c, v, v), np.float32), S.NOISE: np.zeros((0, c, v, v), np.float32),
+        self.empty = {S.PATCH: np.zeros((0, c, v, v), np.float32),
                       S.SCORES: np.zeros((0, k), np.float32), S.RTM_IDX: np.zeros((0, k), np.int64),
                       S.GROUP: np.zeros((0,), np.int64)}
 
@@ -167,7 +166,7 @@ class GRMStage:
         if meta.get("map"):
             png = encode_group_map(group_map(plan.groups, plan.grid).numpy())  # (h_lat, w_lat) PNG
             write_bytes_atomic(meta["map"], png, self.storage_options)
-        return {S.Y0: plan.patches.float().numpy(), S.NOISE: plan.noise.float().numpy(),
+        return {S.PATCH: plan.patches.float().numpy(),
                 S.SCORES: scores.float().numpy(), S.RTM_IDX: idx.long().numpy(),
                 S.GROUP: plan.groups.long().numpy()}
 
@@ -219,6 +218,25 @@ def fused_refine(
     )
 
 
+def redraw_noise(batch: Batch, rows: np.ndarray, *, seed: int, config: Any) -> np.ndarray:
+    """Eq. 7's noise of the patch rows ``rows`` (M, C, V, V), drawn again as ``plan_patches`` drew it in
+    the GRM stage: the image's whole latent from ``Generator().manual_seed(seed)``, cut like y_HR. The
+    image row of each image is in the block (blocks hold whole images), with the latent's size."""
+    ids, index = batch[S.IMAGE_ID], batch[S.PATCH_INDEX]
+    heads = np.flatnonzero(index == S.IMAGE_ROW)
+    latent = {ids[h]: S.load_meta(batch[S.META][h])["latent"] for h in heads}
+    c, s = config.latent_channels, config.sampler
+    out = np.empty((len(rows), c, s.patch_size, s.patch_size), np.float32)
+    mine = ids[rows]
+    for image in dict.fromkeys(mine):
+        at = np.flatnonzero(mine == image)
+        h, w = latent[image]
+        full = torch.randn((c, h, w), generator=torch.Generator().manual_seed(seed))  # (C, h, w)
+        grid = plan_grid(h, w, patch=s.patch_size, overlap=s.overlap)
+        out[at] = split_patches(full, grid)[torch.from_numpy(index[rows[at]].astype(np.int64))].numpy()
+    return out
+
+
 class PatchDiTStage:
     """Patch-DiT sampling over the patches of one group (``group``) from many images, or of all groups
     in one loop (``group=None``: the fused mode, ``fused_refine``). Rows of other groups and image rows
@@ -227,13 +245,14 @@ class PatchDiTStage:
     creates it and kills the actor's process."""
 
     def __init__(self, *, weights: str | SharedModel, rtm: str | SharedRTM, device: str, mode: str | None,
-                 autoencoder: str | None, group: int | None, crash_marker: str | None = None,
+                 autoencoder: str | None, group: int | None, seed: int, crash_marker: str | None = None,
                  precision: str | None = None) -> None:
         self.model = load_model(weights, device=device, mode=mode, autoencoder=autoencoder)
         self.precision = resolve_precision(precision, device)
         self.rtm, _ = load_rtm_source(rtm, use_gpu=False)  # only its values are gathered here, no search
         self.schedule = NoiseSchedule(config=self.model.config.sampler)
         self.group = group
+        self.seed = seed
         self.crash_marker = crash_marker
 
     def _crash_once(self) -> None:
@@ -250,17 +269,17 @@ class PatchDiTStage:
             return batch
         self._crash_once()
         start = time.perf_counter()
-        out = {k: v.copy() if k in (S.X0, S.SECONDS, S.ERROR) else v for k, v in batch.items()}
-        y0 = torch.from_numpy(np.ascontiguousarray(batch[S.Y0][rows]))
+        out = {k: v.copy() if k in (S.PATCH, S.SECONDS, S.ERROR) else v for k, v in batch.items()}
+        y0 = torch.from_numpy(np.ascontiguousarray(batch[S.PATCH][rows]))
         groups = torch.from_numpy(groups_in[rows].astype(np.int64))
-        noise = torch.from_numpy(np.ascontiguousarray(batch[S.NOISE][rows]))
+        noise = torch.from_numpy(redraw_noise(batch, rows, seed=self.seed, config=self.model.config))
         scores = torch.from_numpy(np.ascontiguousarray(batch[S.SCORES][rows]))
         values = self.rtm.gather(torch.from_numpy(batch[S.RTM_IDX][rows].astype(np.int64)))
         sample = fused_refine if self.group is None else refine
         try:
             x0 = sample(self.model, y0, groups, noise, values, scores, schedule=self.schedule,
                         precision=self.precision)
-            out[S.X0][rows] = x0.float().cpu().numpy()
+            out[S.PATCH][rows] = x0.float().cpu().numpy()
         except Exception as exc:  # the images of these patches become error rows in the assembly
             out[S.ERROR][rows] = f"dit: {type(exc).__name__}: {exc}"
         out[S.SECONDS][rows] = (time.perf_counter() - start) / len(rows)
@@ -298,7 +317,7 @@ class AssembleStage:
         start = time.perf_counter()
         cfg = self.model.config
         grid = plan_grid(*meta["latent"], patch=cfg.sampler.patch_size, overlap=cfg.sampler.overlap)
-        x0 = torch.from_numpy(np.ascontiguousarray(rows[S.X0][patch_rows]))  # (M, 4, V, V)
+        x0 = torch.from_numpy(np.ascontiguousarray(rows[S.PATCH][patch_rows]))  # (M, C, V, V), refined
         image = finish(self.model, x0, grid, tuple(meta["shape"]), precision=self.precision)  # (3, H, W)
         rgb = to_uint8(image)  # (H, W, 3)
         lr_alpha = None

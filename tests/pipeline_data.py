@@ -133,7 +133,7 @@ class Stages:
         self.stages = [
             ReadStage(storage_options=opts), DecodeStage(max_pixels=1 << 24),
             GRMStage(**model, rtm=rtm, seed=seed, mode=None, storage_options=opts),
-            *[PatchDiTStage(**model, rtm=rtm, mode=None, group=g) for g in range(3)],
+            *[PatchDiTStage(**model, rtm=rtm, mode=None, group=g, seed=seed) for g in range(3)],
             AssembleStage(**model, fmt=fmt, quality=95, storage_options=opts, sampling="test", seed=seed,
                           score=False),
         ]
