@@ -77,6 +77,8 @@ class PipelineConfig:
     max_pixels: int = 4096 * 4096
     seed: int = 0
     mode: str | None = None  # None: the checkpoint's own sampler mode
+    refine: str = "diffusion"  # diffusion (Patch-DiT, PGS) | none (the decoded GRM output: no Patch-DiT pool)
+    color_fix: str | None = None  # wavelet | adain | none; None: patchscaler.colorfix.DEFAULT_COLOR_FIX
     layout: str = "auto"  # auto | single | pools | fused (plan.choose_layout)
     fused: bool = False  # the pools layout with one Patch-DiT pool for all groups (= layout "fused")
     window: int = 64  # at most this many rows per manifest part (and images per pool-sizing probe)
@@ -108,6 +110,8 @@ class PipelineConfig:
     def sampling(self, layout: str, fused_ok: bool = True) -> str:
         """The manifest's ``sampling`` of ``layout``: the mode (or "checkpoint") and "+fused" when all
         groups run in one loop."""
+        if self.refine == "none":
+            return "none"
         fused = layout == "fused" or (layout == "single" and fused_ok)
         return (self.mode or "checkpoint") + ("+fused" if fused else "")
 
@@ -199,6 +203,7 @@ def plan_graph(cfg: PipelineConfig, nodes: list[Node], *, layout: str, todo: int
         return Graph(layout, plan, batch, {}, cfg.sampling(layout, fused_ok))
     grm, assemble, dit = light_and_dit(cfg, nodes, layout)
     sizes: dict[Any, int] = {None: dit} if layout == "fused" else pool_sizes(cfg, dit, counts, steps)
+    sizes = {} if cfg.refine == "none" else sizes  # nothing to sample: no Patch-DiT pool
     names = {None: "dit"} | dict(enumerate(GROUP_POOLS))
     pools = {"grm": grm, **{names[g]: k for g, k in sizes.items()}, "assemble": assemble, **scorers}
     tasks = max(1, min(cfg.decode_tasks, todo))
@@ -224,6 +229,7 @@ def pipeline_dataset(cfg: PipelineConfig, items: list[dict[str, str]], graph: Gr
     model_args = {"weights": model, "device": cfg.device, "autoencoder": cfg.autoencoder,
                   "precision": cfg.precision}
     score = cfg.score is not None
+    fix = {"refine": cfg.refine, "color_fix": cfg.color_fix}
     ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
     if graph.layout == "single":
         from pipeline.single import ImageStage
@@ -234,7 +240,7 @@ def pipeline_dataset(cfg: PipelineConfig, items: list[dict[str, str]], graph: Gr
                                    "fused": graph.sampling.endswith("+fused"), "fmt": cfg.fmt,
                                    "quality": cfg.quality, "max_pixels": cfg.max_pixels,
                                    "storage_options": cfg.storage_options, "score": score,
-                                   "crash_marker": cfg.crash_marker},
+                                   "crash_marker": cfg.crash_marker, **fix},
         )
         return ds if cfg.score is None else with_scoring(ds, cfg, pools["score"])
 
@@ -247,7 +253,7 @@ def pipeline_dataset(cfg: PipelineConfig, items: list[dict[str, str]], graph: Gr
     ds = ds.map_batches(
         GRMStage, batch_size=graph.batch, batch_format="numpy", **_actor_args(pools["grm"]),
         fn_constructor_kwargs={**model_args, "rtm": rtm, "seed": cfg.seed, "mode": cfg.mode,
-                               "storage_options": cfg.storage_options},
+                               "storage_options": cfg.storage_options, **fix},
     )
     for group, n in graph.dit.items():
         name = "dit" if group is None else GROUP_POOLS[group]
@@ -260,7 +266,7 @@ def pipeline_dataset(cfg: PipelineConfig, items: list[dict[str, str]], graph: Gr
         AssembleStage, batch_size=None, batch_format="numpy", **_actor_args(pools["assemble"]),
         fn_constructor_kwargs={**model_args, "fmt": cfg.fmt, "quality": cfg.quality,
                                "storage_options": cfg.storage_options, "sampling": graph.sampling,
-                               "seed": cfg.seed, "score": score},
+                               "seed": cfg.seed, "score": score, **fix},
     )
     return ds if cfg.score is None else with_scoring(ds, cfg, pools["score"])
 

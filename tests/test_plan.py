@@ -193,3 +193,16 @@ def test_layout_choice_and_single_layout_size() -> None:
     assert math.isclose(sum(p.actors * p.num_cpus for p in graph.plan.pools.values()), 2.0)
     graph = plan_graph(cfg, [Node(64)], layout="single", todo=1000, counts={}, steps=(8, 14, 20))
     assert graph.plan.pools["image"].actors == 64 and graph.batch == 4
+
+
+def test_refine_none_plans_no_patch_dit_pool() -> None:
+    """``--refine none``: the pools and fused layouts run GRM and assemble actors only."""
+    cfg = PipelineConfig(input="/in", output="/out", weights="w", rtm="r", refine="none")
+    for layout in ("pools", "fused"):
+        graph = plan_graph(cfg, [Node(4)], layout=layout, todo=8, counts={0: 5, 1: 5, 2: 5},
+                           steps=(8, 14, 20))
+        assert graph.dit == {} and sorted(graph.plan.pools) == ["assemble", "grm"], layout
+        assert graph.sampling == "none"
+    diffusion = plan_graph(PipelineConfig(input="/in", output="/out", weights="w", rtm="r"), [Node(4)],
+                           layout="pools", todo=8, counts={0: 5, 1: 5, 2: 5}, steps=(8, 14, 20))
+    assert set(GROUP_POOLS) <= set(diffusion.plan.pools)  # the default still starts them
