@@ -71,6 +71,7 @@ def main() -> None:
     p.add_argument("--samples", default=str(SAMPLES))
     p.add_argument("--sets", nargs="+", choices=SETS, default=list(SETS))
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--images", nargs="+", default=None, help="only these images (file stems)")
     p.add_argument("--cache", default=None,
                    help="folder of cached PatchScaler outputs (trainer.heldout.upscale_cached)")
     args = p.parse_args()
@@ -87,6 +88,7 @@ def main() -> None:
     stages: dict[tuple[str, str], list[list[float]]] = {}
     for kind in args.sets:
         pairs = heldout_pairs(kind, heldout=args.heldout, samples=args.samples, scale=model.config.scale)
+        pairs = [x for x in pairs if args.images is None or x[0] in args.images]
         for i, (name, lr, hr) in enumerate(pairs, 1):
             print(f"[{kind} {i}/{len(pairs)}] {name} ({time.perf_counter() - start:.0f} s)", file=sys.stderr,
                   flush=True)

@@ -245,7 +245,17 @@ def gates(report: dict[str, Any], kind: str = "heavy") -> dict[str, dict[str, An
             "group_shares": ({g: round(s, 3) for g, s in shares.items()}, "each in [0.10, 0.70] (#10)",
                              bool(shares) and all(0.10 <= s <= 0.70 for s in shares.values())),
         }
-    return {k: {"value": v, "bar": bar, "pass": bool(ok)} for k, (v, bar, ok) in out.items()}
+    margins = {  # how far inside (+) or outside (-) the bar the value is, in the value's unit
+        "model_psnr_y_vs_bicubic": out["model_psnr_y_vs_bicubic"][0] + 0.3,
+        "grm_psnr_y_vs_bicubic": out["grm_psnr_y_vs_bicubic"][0],
+        "model_color_shift_every_image": 2.0 - out["model_color_shift_every_image"][0],
+        "model_seam_ratio": 1.0 - out["model_seam_ratio"][0],
+        "autoencoder_rgb_psnr": out.get("autoencoder_rgb_psnr", (28.0,))[0] - 28.0,
+        "grm_psnr_y_over_bicubic": out.get("grm_psnr_y_over_bicubic", (0.3,))[0] - 0.3,
+    }
+    return {k: {"value": v, "bar": bar, "pass": bool(ok)}
+            | ({"margin": round(margins[k], 3)} if k in margins else {})
+            for k, (v, bar, ok) in out.items()}
 
 
 def heldout_figure(panels: list[tuple[str, torch.Tensor, dict[str, torch.Tensor], torch.Tensor, Any]],
