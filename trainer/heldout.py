@@ -90,12 +90,13 @@ def seam_ratio(image: torch.Tensor, stride: int) -> float:
 
 @torch.no_grad()
 def upscale_cached(upscaler: Any, lr: torch.Tensor, *, seed: int, name: str, cache: str | None,
-                   refresh: bool = False) -> Any:
+                   refresh: bool = False, only_cached: bool = False) -> Any:
     """``upscaler.upscale(lr, seed)`` (its image, group counts and group map), read from or written to
     ``cache``/KEY.pt when ``cache`` is a folder; KEY names the weights version, the image, the sampler
     mode, refine, colour fix, precision and seed, so a cached result is what the call would return
     (the computation is deterministic on CPU). For the bench scripts: sampling is their whole cost.
-    ``refresh``: compute even when cached (a timed run), and write the result."""
+    ``refresh``: compute even when cached (a timed run), and write the result; ``only_cached``: return
+    None instead of computing."""
     from types import SimpleNamespace
 
     path = None
@@ -106,6 +107,8 @@ def upscale_cached(upscaler: Any, lr: torch.Tensor, *, seed: int, name: str, cac
         path = Path(cache) / f"{key}.pt"
         if path.exists() and not refresh:
             return SimpleNamespace(**torch.load(path))
+    if only_cached:
+        return None
     result = upscaler.upscale(lr, generator=torch.Generator().manual_seed(seed))
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
