@@ -1,6 +1,6 @@
 """Colour fixes of the demo model on both held-out sets, and where its colour shift comes from.
 
-    python bench/color_fix.py                      # the demo weights, both sets, seed 0 (~3 min on 2 cores)
+    python bench/color_fix.py                      # the demo weights, both sets, seed 0
     python bench/color_fix.py --sets mild --weights W --rtm R
     python bench/color_fix.py --cache /tmp/heldout-cache   # reuse PatchScaler outputs of another bench
 
