@@ -46,6 +46,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rtm", default=str(DEMO_RTM), help="RTM artifact dir or s3:// prefix")
     p.add_argument("--autoencoder", default=None, help="separate SD-VAE weights (file or diffusers dir)")
     p.add_argument("--mode", choices=["adaptive", "uniform"], default=None, help="override sampling mode")
+    p.add_argument("--refine", choices=["diffusion", "none"], default="diffusion",
+                   help="diffusion: Patch-DiT sampling (PGS); none: the decoded GRM output, no sampling "
+                        "(fast, no generated texture)")
+    p.add_argument("--color-fix", choices=["wavelet", "adain", "none"], default=None,
+                   help="colour correction against the bicubic image (default: wavelet, chosen by "
+                        "measurement: docs/model.md)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--format", dest="fmt", choices=["png", "jpeg", "webp"], default=None,
@@ -187,6 +193,7 @@ def _load(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
     from jobs.defaults import pick_device
+    from patchscaler.colorfix import DEFAULT_COLOR_FIX
     from patchscaler.upscaler import PatchScaler
     from patchscaler.weights import load_checkpoint, load_rtm
 
@@ -196,11 +203,13 @@ def _load(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
         if args.mode:
             model.config = model.config.replace(sampler=replace(model.config.sampler, mode=args.mode))
         rtm, manifest = load_rtm(args.rtm, use_gpu=device.startswith("cuda"))
-        upscaler = PatchScaler(model=model, rtm=rtm, device=device, precision=args.precision)
+        upscaler = PatchScaler(model=model, rtm=rtm, device=device, precision=args.precision,
+                               refine=args.refine, color_fix=args.color_fix or DEFAULT_COLOR_FIX)
     except Exception as exc:
         reason = " ".join(str(exc).split())
         raise UsageError(f"cannot load the model ({type(exc).__name__}: {reason})") from exc
-    return upscaler, {"precision": upscaler.precision, "model_version": model.version,
+    return upscaler, {"precision": upscaler.precision, "refine": upscaler.refine,
+                      "color_fix": upscaler.color_fix, "model_version": model.version,
                       "rtm_version": manifest.get("version")}
 
 

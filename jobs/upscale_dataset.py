@@ -146,6 +146,12 @@ def add_pipeline_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="noise seed of every image (as `upscale --seed`)")
     p.add_argument("--mode", choices=["adaptive", "uniform"], default=None,
                    help="sampling mode (default: the checkpoint's)")
+    p.add_argument("--refine", choices=["diffusion", "none"], default="diffusion",
+                   help="diffusion: Patch-DiT sampling (PGS); none: the decoded GRM output, no sampling "
+                        "(fast, no Patch-DiT actors, no generated texture)")
+    p.add_argument("--color-fix", choices=["wavelet", "adain", "none"], default=None,
+                   help="colour correction against the bicubic image (default: wavelet, chosen by "
+                        "measurement: docs/model.md)")
     p.add_argument("--device", default="auto", help="auto (cuda if the cluster has GPUs), cpu, cuda")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                    help="inference precision of the model actors; auto: bf16 on CUDA, fp32 on CPU")
@@ -267,6 +273,7 @@ def pipeline_config(args: argparse.Namespace, *, input: str, output: str, device
         input=input, output=output, weights=args.weights, rtm=args.rtm,
         autoencoder=args.autoencoder, device=device, fmt=args.fmt, quality=args.quality,
         max_pixels=int(args.max_pixels), seed=args.seed, mode=args.mode, layout=args.layout,
+        refine=args.refine, color_fix=args.color_fix,
         fused=args.fused, window=args.window, commit_seconds=args.commit_seconds, actors=args.actors,
         grm_actors=args.grm_actors, dit_actors=args.dit_actors, assemble_actors=args.assemble_actors,
         decode_tasks=args.decode_tasks, gpus_per_actor=args.gpus_per_actor,

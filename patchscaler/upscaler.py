@@ -3,7 +3,10 @@
     LR image --resize x4, encode--> y_LR --GRM--> (y_HR, C) --patchify (16x16, overlap 8)--> y0 patches
       --Eq. 2--> groups --classifier + RTM top-K--> texture prompt (once per patch)
       --PGS: each group from y_tau (Eq. 7) with its own (tau, N), Patch-DiT + DDIM--> x0 patches
-      --feathered merge--> x_HR --decode--> SR image
+      --feathered merge--> x_HR --decode--> SR image --colour fix against the bicubic image--> output
+
+With ``refine="none"`` (the regression-only fast path) retrieval and PGS are skipped: the y0 patches are
+merged as they are, so the output is the decoded GRM latent y_HR, through the same decode and colour fix.
 
 Each arrow is one function below, so ``pipeline/stages.py`` runs exactly this code, split across actors.
 
@@ -21,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from patchscaler.autoencoder import upscale_input
+from patchscaler.colorfix import COLOR_FIXES, DEFAULT_COLOR_FIX, color_fix
 from patchscaler.diffusion import NoiseSchedule
 from patchscaler.model import PatchScalerModel
 from patchscaler.patching import PatchGrid, merge_patches, patch_means, plan_grid, split_patches
@@ -28,6 +32,15 @@ from patchscaler.pgs import GROUP_NAMES, assign_groups
 from patchscaler.precision import autocast, resolve_precision
 from patchscaler.rtm import ReferenceTextureMemory
 from patchscaler.sampling import Progress, refine_patches
+
+REFINES = ("diffusion", "none")  # Patch-DiT sampling (PGS), or the decoded GRM output as it is
+
+
+def check_options(*, refine: str, color_fix: str) -> None:
+    if refine not in REFINES:
+        raise ValueError(f"unknown refine {refine!r}; expected one of {', '.join(REFINES)}")
+    if color_fix not in COLOR_FIXES:
+        raise ValueError(f"unknown colour fix {color_fix!r}; expected one of {', '.join(COLOR_FIXES)}")
 
 
 @dataclass
@@ -156,6 +169,15 @@ def finish(
     return image[:, : lr_size[0] * s, : lr_size[1] * s].cpu()  # crop the encode padding
 
 
+def fix_colors(image: torch.Tensor, lr: torch.Tensor, *, scale: int, method: str) -> torch.Tensor:
+    """The decoded output (3, scale*h, scale*w) with the colours of the x``scale`` bicubic image of its LR
+    input ``lr`` (3, h, w) in [0, 1], by ``method`` (``patchscaler.colorfix``)."""
+    if method == "none":
+        return image
+    reference = upscale_input(lr[None].float(), scale)[0]  # (3, scale*h, scale*w)
+    return color_fix(image.float(), reference, method)
+
+
 def group_map(groups: torch.Tensor, grid: PatchGrid) -> torch.Tensor:
     """(h_lat, w_lat) map of the group of the patch whose centre is nearest, for display (Fig. 7)."""
     half = grid.patch / 2
@@ -173,7 +195,9 @@ def count_groups(groups: torch.Tensor) -> dict[str, int]:
 class PatchScaler:
     """``PatchScaler(model=..., rtm=...).upscale(image, generator=g)``: the whole method in one process.
 
-    ``precision``: ``fp32``, ``bf16`` or None for the device's default (bf16 on CUDA, fp32 elsewhere)."""
+    ``precision``: ``fp32``, ``bf16`` or None for the device's default (bf16 on CUDA, fp32 elsewhere).
+    ``refine``: ``diffusion`` (PGS with Patch-DiT) or ``none`` (the decoded GRM output); ``color_fix``:
+    ``wavelet``, ``adain`` or ``none`` (``patchscaler.colorfix``)."""
 
     def __init__(
         self,
@@ -182,7 +206,11 @@ class PatchScaler:
         rtm: ReferenceTextureMemory,
         device: str | torch.device = "cpu",
         precision: str | None = None,
+        refine: str = "diffusion",
+        color_fix: str = DEFAULT_COLOR_FIX,
     ) -> None:
+        check_options(refine=refine, color_fix=color_fix)
+        self.refine, self.color_fix = refine, color_fix
         self.model = model.to(device).eval()
         self.rtm = rtm
         self.precision = resolve_precision(precision, device)
@@ -198,12 +226,16 @@ class PatchScaler:
         precision = self.precision
         y_hr, conf = restore(self.model, image)  # float32 under every precision
         plan = plan_patches(y_hr, conf, self.model, generator)
-        scores, idx = retrieve(self.model, self.rtm, plan.patches, precision=precision)
-        x0 = refine(
-            self.model, plan.patches, plan.groups, plan.noise, self.rtm.gather(idx), scores,
-            schedule=self.schedule, precision=precision, progress=progress,
-        )
+        if self.refine == "none":
+            x0 = plan.patches
+        else:
+            scores, idx = retrieve(self.model, self.rtm, plan.patches, precision=precision)
+            x0 = refine(
+                self.model, plan.patches, plan.groups, plan.noise, self.rtm.gather(idx), scores,
+                schedule=self.schedule, precision=precision, progress=progress,
+            )
         out = finish(self.model, x0, plan.grid, (image.shape[-2], image.shape[-1]), precision=precision)
+        out = fix_colors(out, image, scale=self.model.config.scale, method=self.color_fix)
         return UpscaleResult(
             image=out,
             group_counts=count_groups(plan.groups),

@@ -82,6 +82,8 @@ class PipelineConfig:
     max_pixels: int = 4096 * 4096
     seed: int = 0
     mode: str | None = None  # None: the checkpoint's own sampler mode
+    refine: str = "diffusion"  # diffusion (Patch-DiT, PGS) | none (the decoded GRM output: no Patch-DiT pool)
+    color_fix: str | None = None  # wavelet | adain | none; None: patchscaler.colorfix.DEFAULT_COLOR_FIX
     layout: str = "auto"  # auto | single | pools | fused (plan.choose_layout)
     fused: bool = False  # the pools layout with one Patch-DiT pool for all groups (= layout "fused")
     window: int = 64  # at most this many rows per manifest part
@@ -119,6 +121,8 @@ class PipelineConfig:
     def sampling(self, layout: str, fused_ok: bool = True) -> str:
         """The manifest's ``sampling`` of ``layout``: the mode (or "checkpoint") and "+fused" when all
         groups run in one loop."""
+        if self.refine == "none":
+            return "none"
         fused = layout == "fused" or (layout == "single" and fused_ok)
         return (self.mode or "checkpoint") + ("+fused" if fused else "")
 
@@ -218,6 +222,7 @@ def plan_graph(cfg: PipelineConfig, nodes: list[Node], *, layout: str, todo: int
         return Graph(layout, plan, batch, {}, cfg.sampling(layout, fused_ok), todo=todo)
     grm, assemble, dit = light_and_dit(cfg, nodes, layout)
     sizes: dict[Any, int] = {None: dit} if layout == "fused" else pool_sizes(cfg, dit, counts, steps)
+    sizes = {} if cfg.refine == "none" else sizes  # nothing to sample: no Patch-DiT pool
     names = {None: "dit"} | dict(enumerate(GROUP_POOLS))
     pools = {"grm": grm, **{names[g]: k for g, k in sizes.items()}, "assemble": assemble, **scorers}
     cap = max(1, min(cfg.decode_tasks or todo, todo))  # no more tasks than images
@@ -297,6 +302,7 @@ def pipeline_dataset(cfg: PipelineConfig, blocks: list[tuple[str, int]], graph: 
     model_args = {"weights": model, "device": cfg.device, "autoencoder": cfg.autoencoder,
                   "precision": cfg.precision}
     score = cfg.score is not None
+    fix = {"refine": cfg.refine, "color_fix": cfg.color_fix}
     ds = source_dataset(cfg, blocks, graph.batch if graph.layout == "single" else 1)
     if graph.layout == "single":
         from pipeline.single import ImageStage
@@ -307,7 +313,7 @@ def pipeline_dataset(cfg: PipelineConfig, blocks: list[tuple[str, int]], graph: 
                 **model_args, "rtm": rtm, "seed": cfg.seed, "mode": cfg.mode,
                 "fused": graph.sampling.endswith("+fused"), "fmt": cfg.fmt, "quality": cfg.quality,
                 "max_pixels": cfg.max_pixels, "storage_options": cfg.storage_options, "score": score,
-                "crash_marker": cfg.crash_marker}, "image"),
+                "crash_marker": cfg.crash_marker, **fix}, "image"),
         )
         return ds if cfg.score is None else with_scoring(ds, cfg, pools["score"])
 
@@ -322,7 +328,7 @@ def pipeline_dataset(cfg: PipelineConfig, blocks: list[tuple[str, int]], graph: 
     ds = ds.map_batches(
         batch_size=graph.batch, batch_format="numpy", **_actor_args(pools["grm"]),
         **_guarded(graph, cfg, GRMStage, {**model_args, "rtm": rtm, "seed": cfg.seed, "mode": cfg.mode,
-                                          "storage_options": cfg.storage_options}, "grm"),
+                                          "storage_options": cfg.storage_options, **fix}, "grm"),
     )
     for group, n in graph.dit.items():
         name = "dit" if group is None else GROUP_POOLS[group]
@@ -335,7 +341,7 @@ def pipeline_dataset(cfg: PipelineConfig, blocks: list[tuple[str, int]], graph: 
         batch_size=None, batch_format="numpy", **_actor_args(pools["assemble"]),
         **_guarded(graph, cfg, AssembleStage, {
             **model_args, "fmt": cfg.fmt, "quality": cfg.quality, "storage_options": cfg.storage_options,
-            "sampling": graph.sampling, "seed": cfg.seed, "score": score}, "assemble"),
+            "sampling": graph.sampling, "seed": cfg.seed, "score": score, **fix}, "assemble"),
     )
     return ds if cfg.score is None else with_scoring(ds, cfg, pools["score"])
 

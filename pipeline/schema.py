@@ -7,9 +7,9 @@ columns.
 
 After the GRM stage one image becomes ``1 + M`` rows sharing its ``image_id`` (``ROW_COLUMNS``):
 
-- one *image row* (``patch_index == group == IMAGE_ROW``) carrying ``meta``, ``alpha``, ``icc``, ``exif``
-  and zero tensors — error rows are image rows whose ``meta["status"] == "error"`` and that have no
-  patch rows;
+- one *image row* (``patch_index == group == IMAGE_ROW``) carrying ``meta``, ``alpha``, ``icc``, ``exif``,
+  the LR ``pixels`` (the assembler's colour-fix reference; b"" without colour fix) and zero tensors —
+  error rows are image rows whose ``meta["status"] == "error"`` and that have no patch rows;
 - ``M`` *patch rows* carrying the tensors of one latent patch and empty side data.
 """
 
@@ -28,7 +28,7 @@ from pipeline.io import one_line, refusal
 IMAGE_ID = "image_id"
 META = "meta"  # JSON string, see new_meta()
 DATA = "data"  # the source file's bytes (read stage -> decode stage)
-PIXELS = "pixels"  # decoded RGB, raw bytes, shape and dtype in meta (decode stage -> GRM stage)
+PIXELS = "pixels"  # decoded RGB, raw bytes, shape and dtype in meta (decode -> GRM -> assemble stage)
 ALPHA = "alpha"  # raw uint8 alpha of the LR image, b"" when the image has none
 ICC = "icc"
 EXIF = "exif"
@@ -51,7 +51,9 @@ IMAGE_ROW = -1  # patch_index and group of an image row
 # Every row after the GRM stage has ROW_COLUMNS: the Patch-DiT pools refine the patch (and fill seconds and
 # error) of their group's rows and pass the rest through, so blocks keep one schema along the chain; one
 # latent a patch row (y0, then x0), not three (y0, noise, x0): a third of the bytes in the object store.
-ROW_COLUMNS = (IMAGE_ID, PATCH_INDEX, GROUP, PATCH, SCORES, RTM_IDX, SECONDS, ERROR, META, ALPHA, ICC, EXIF)
+# PIXELS (the LR image, the colour fix's reference) rides on the image row only, and only with a colour fix.
+ROW_COLUMNS = (IMAGE_ID, PATCH_INDEX, GROUP, PATCH, SCORES, RTM_IDX, SECONDS, ERROR, META, ALPHA, ICC, EXIF,
+               PIXELS)
 
 STAGES = ("read", "decode", "grm", "dit", "assemble", "write")
 PLAN = "plan"  # the stage named in the error of an input refused by ``io.plan_outputs`` (no seconds)

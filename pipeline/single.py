@@ -25,20 +25,23 @@ class ImageStage:
     def __init__(self, *, weights: str | SharedModel, rtm: str | SharedRTM, device: str, seed: int,
                  mode: str | None, autoencoder: str | None, fused: bool, fmt: str, quality: int,
                  max_pixels: int, storage_options: dict[str, Any], score: bool,
-                 crash_marker: str | None = None, precision: str | None = None) -> None:
+                 crash_marker: str | None = None, precision: str | None = None, refine: str = "diffusion",
+                 color_fix: str | None = None) -> None:
         from pipeline.stages import AssembleStage, DecodeStage, GRMStage, PatchDiTStage, ReadStage
 
         model = {"weights": weights, "device": device, "autoencoder": autoencoder, "precision": precision}
         dit = {"rtm": rtm, "mode": mode, "seed": seed, "crash_marker": crash_marker}
         groups = [None] if fused else [0, 1, 2]  # fused: all groups in one loop
+        groups = [] if refine == "none" else groups  # refine none: no Patch-DiT at all
+        options = {"refine": refine, "color_fix": color_fix}
         sampling = (mode or "checkpoint") + ("+fused" if fused else "")
         self.stages = [
             ReadStage(storage_options=storage_options),
             DecodeStage(max_pixels=max_pixels),
-            GRMStage(**model, rtm=rtm, seed=seed, mode=mode, storage_options=storage_options),
+            GRMStage(**model, rtm=rtm, seed=seed, mode=mode, storage_options=storage_options, **options),
             *[PatchDiTStage(**model, **dit, group=g) for g in groups],
             AssembleStage(**model, fmt=fmt, quality=quality, storage_options=storage_options,
-                          sampling=sampling, seed=seed, score=score),
+                          sampling=sampling, seed=seed, score=score, **options),
         ]
 
     def __call__(self, batch: Batch) -> Batch:

@@ -19,12 +19,22 @@ from typing import Any
 import numpy as np
 import torch
 
+from patchscaler.colorfix import DEFAULT_COLOR_FIX
 from patchscaler.diffusion import NoiseSchedule
 from patchscaler.model import PatchScalerModel
 from patchscaler.patching import plan_grid, split_patches
 from patchscaler.precision import resolve_precision
 from patchscaler.sampling import fused_refine_patches
-from patchscaler.upscaler import finish, group_map, plan_patches, refine, restore, retrieve
+from patchscaler.upscaler import (
+    check_options,
+    finish,
+    fix_colors,
+    group_map,
+    plan_patches,
+    refine,
+    restore,
+    retrieve,
+)
 from pipeline import schema as S
 from pipeline.decode import GREY_MODES, decode_image, encode_group_map, encode_output, to_float, to_uint8
 from pipeline.io import read_bytes, write_bytes_atomic
@@ -107,7 +117,7 @@ def pixels_of(meta: dict[str, Any], blob: bytes) -> np.ndarray:
 
 
 def explode(
-    image_id: str, meta: dict[str, Any], side: tuple[bytes, bytes, bytes], tensors: dict[str, np.ndarray],
+    image_id: str, meta: dict[str, Any], side: tuple[bytes, ...], tensors: dict[str, np.ndarray],
 ) -> Batch:
     """One image -> its image row followed by one row per patch (``schema.ROW_COLUMNS``)."""
     m = len(tensors[S.PATCH])
@@ -122,7 +132,7 @@ def explode(
     out[S.SECONDS] = np.zeros(m + 1, np.float64)
     out[S.ERROR] = S.object_column([""] * (m + 1))
     out[S.META] = S.object_column([S.dump_meta(meta)] + [""] * m)
-    for name, blob in zip((S.ALPHA, S.ICC, S.EXIF), side, strict=True):
+    for name, blob in zip((S.ALPHA, S.ICC, S.EXIF, S.PIXELS), side, strict=True):
         out[name] = S.object_column([blob] + [b""] * m)
     return out
 
@@ -139,11 +149,16 @@ class GRMStage:
     """Per image: encode + GRM -> (y_HR, C), patches, groups, noise (seeded as the reference does),
     texture retrieval; explodes each image into its image row and one row per patch. The images of one
     call become one block (see ``build.py``). An image whose ``meta["map"]`` names a file gets its group
-    map written there (``--maps``): one pixel per latent pixel, the group of the nearest patch (Fig. 7)."""
+    map written there (``--maps``): one pixel per latent pixel, the group of the nearest patch (Fig. 7).
+    With ``refine="none"`` there is no retrieval (scores and RTM ids stay zero: nothing samples). The
+    image row carries the LR pixels on to the assembler unless ``color_fix`` is ``none``."""
 
     def __init__(self, *, weights: str | SharedModel, rtm: str | SharedRTM, device: str, seed: int,
                  mode: str | None, autoencoder: str | None, storage_options: dict[str, Any],
-                 precision: str | None = None) -> None:
+                 precision: str | None = None, refine: str = "diffusion", color_fix: str | None = None
+                 ) -> None:
+        self.refine, self.color_fix = refine, color_fix or DEFAULT_COLOR_FIX
+        check_options(refine=self.refine, color_fix=self.color_fix)
         self.model = load_model(weights, device=device, mode=mode, autoencoder=autoencoder)
         self.precision = resolve_precision(precision, device)
         self.storage_options = storage_options
@@ -160,7 +175,11 @@ class GRMStage:
         image = to_float(pixels_of(meta, blob))  # (3, h, w)
         y_hr, conf = restore(self.model, image)  # float32 under every precision
         plan = plan_patches(y_hr, conf, self.model, torch.Generator().manual_seed(self.seed))
-        scores, idx = retrieve(self.model, self.rtm, plan.patches, precision=self.precision)
+        if self.refine == "none":  # nothing samples: no texture retrieval
+            k, m = self.model.config.texture_encoder.top_k, len(plan.patches)
+            scores, idx = torch.zeros(m, k), torch.zeros(m, k, dtype=torch.long)
+        else:
+            scores, idx = retrieve(self.model, self.rtm, plan.patches, precision=self.precision)
         meta.update(latent=[plan.grid.height, plan.grid.width], num_patches=len(plan.patches),
                     groups=[int((plan.groups == g).sum()) for g in range(3)])
         if meta.get("map"):
@@ -182,7 +201,8 @@ class GRMStage:
                 except Exception as exc:  # e.g. out of memory on one huge image
                     S.fail(meta, "grm", exc)
             meta["seconds"]["grm"] = time.perf_counter() - start
-            side = (bytes(batch[S.ALPHA][i]), bytes(batch[S.ICC][i]), bytes(batch[S.EXIF][i]))
+            side = (bytes(batch[S.ALPHA][i]), bytes(batch[S.ICC][i]), bytes(batch[S.EXIF][i]),
+                    bytes(batch[S.PIXELS][i]) if self.color_fix != "none" else b"")
             parts.append(explode(str(batch[S.IMAGE_ID][i]), meta, side, tensors))
         rows = concat_batches(parts)
         # image rows first, then the patches by group: a pool's share of the block is one slice
@@ -291,11 +311,16 @@ class AssembleStage:
     encode as ``patchscaler upscale`` does (``decode.encode_output``: alpha, grey, ICC, EXIF), write
     atomically; returns the images' manifest rows. A failed write (after ``io.retrying``'s attempts) is
     that image's error row (stage ``write``), never a failed actor. With ``score`` the rows also carry the
-    written bytes and the scoring info to the scoring pool (``schema.ENCODED``/``EVAL``)."""
+    written bytes and the scoring info to the scoring pool (``schema.ENCODED``/``EVAL``).
+    ``refine="none"``: the y0 patches (the GRM's y_HR) are merged instead of x0. ``color_fix``: as
+    ``PatchScaler.upscale`` does (``upscaler.fix_colors`` against the image row's LR pixels)."""
 
     def __init__(self, *, weights: str | SharedModel, device: str, autoencoder: str | None, fmt: str,
                  quality: int, storage_options: dict[str, Any], sampling: str, seed: int,
-                 score: bool, precision: str | None = None) -> None:
+                 score: bool, precision: str | None = None, refine: str = "diffusion",
+                 color_fix: str | None = None) -> None:
+        self.refine, self.color_fix = refine, color_fix or DEFAULT_COLOR_FIX
+        check_options(refine=self.refine, color_fix=self.color_fix)
         self.model = load_model(weights, device=device, mode=None, autoencoder=autoencoder)
         self.precision = resolve_precision(precision, device)
         self.fmt, self.quality = fmt, quality
@@ -318,7 +343,11 @@ class AssembleStage:
         cfg = self.model.config
         grid = plan_grid(*meta["latent"], patch=cfg.sampler.patch_size, overlap=cfg.sampler.overlap)
         x0 = torch.from_numpy(np.ascontiguousarray(rows[S.PATCH][patch_rows]))  # (M, C, V, V), refined
+        # (with --refine none the GRM's patches as they are)
         image = finish(self.model, x0, grid, tuple(meta["shape"]), precision=self.precision)  # (3, H, W)
+        if self.color_fix != "none":
+            lr = to_float(pixels_of(meta, bytes(rows[S.PIXELS][head])))  # (3, h, w)
+            image = fix_colors(image, lr, scale=cfg.scale, method=self.color_fix)
         rgb = to_uint8(image)  # (H, W, 3)
         lr_alpha = None
         if len(rows[S.ALPHA][head]):

@@ -105,13 +105,13 @@ def make_assets(folder: Path, images: Path, names: list[str]) -> tuple[str, str]
 
 
 def reference_images(weights: str, rtm: str, images: Path, names: list[str], seed: int,
-                     mode: str | None = None) -> dict[str, np.ndarray]:
+                     mode: str | None = None, **options: str) -> dict[str, np.ndarray]:
     """The single-process reference upscaler's output (H, W, 3) uint8 per input, same seed, as it reads
     back from the written file: grey inputs are written as grey (luma replicated by ``read_rgb``)."""
     model = load_checkpoint(weights)
     if mode:
         model.config = model.config.replace(sampler=replace(model.config.sampler, mode=mode))
-    upscaler = PatchScaler(model=model, rtm=load_rtm(rtm)[0])
+    upscaler = PatchScaler(model=model, rtm=load_rtm(rtm)[0], **options)  # refine, color_fix
     out = {}
     for name in names:
         dec = decode_image((images / name).read_bytes(), max_pixels=1 << 24)
@@ -126,16 +126,19 @@ class Stages:
     in order (as ``build.py`` chains them, without Ray): ``run`` returns the manifest rows."""
 
     def __init__(self, *, weights: str, rtm: str, seed: int, fmt: str = "png",
-                 storage_options: dict | None = None) -> None:
+                 storage_options: dict | None = None, refine: str = "diffusion",
+                 color_fix: str | None = None) -> None:
         opts = storage_options or {}
         model = {"weights": weights, "device": "cpu", "autoencoder": None}
         self.fmt = fmt
         self.stages = [
             ReadStage(storage_options=opts), DecodeStage(max_pixels=1 << 24),
-            GRMStage(**model, rtm=rtm, seed=seed, mode=None, storage_options=opts),
-            *[PatchDiTStage(**model, rtm=rtm, mode=None, group=g, seed=seed) for g in range(3)],
+            GRMStage(**model, rtm=rtm, seed=seed, mode=None, storage_options=opts, refine=refine,
+                     color_fix=color_fix),
+            *[PatchDiTStage(**model, rtm=rtm, mode=None, group=g, seed=seed) for g in range(3)
+              if refine != "none"],
             AssembleStage(**model, fmt=fmt, quality=95, storage_options=opts, sampling="test", seed=seed,
-                          score=False),
+                          score=False, refine=refine, color_fix=color_fix),
         ]
 
     def run(self, sources: list[str], input_root: str, output_root: str,

@@ -191,3 +191,19 @@ def test_fused_mode_through_the_job_equals_per_pool(first_run, data) -> None:
         fused = read_rgb((out / output_name(name)).read_bytes()).astype(int)
         per_pool = read_rgb((first_run.out / output_name(name)).read_bytes()).astype(int)
         assert np.abs(fused - per_pool).max() <= 1, name
+
+
+def test_refine_none_equals_the_reference_upscaler_without_patch_dit(ray_session, data) -> None:
+    """``--refine none`` in the pools layout: GRM and assemble actors only (no Patch-DiT pool, no
+    seconds spent there), and the same images as ``PatchScaler(refine="none")``."""
+    out = data.root / "refine_none"
+    summary = run_pipeline(config(data, out, refine="none", layout="pools", dit_actors=None), echo=False)
+    assert summary.ok == len(data.names)
+    assert all(set(pools) == {"grm", "assemble"} for pools in summary.pools)
+    manifest = read_manifest(str(out))
+    ok = manifest[manifest["status"] == "ok"]
+    assert (ok["sampling"] == "none").all() and (ok["seconds_dit"] == 0).all()
+    refs = reference_images(data.weights, data.rtm, data.inputs, data.names, SEED, refine="none")
+    for name in data.names:
+        got = read_rgb((out / output_name(name)).read_bytes()).astype(int)
+        assert np.abs(got - refs[name]).max() <= 1, name  # PNG of the same uint8 image, up to rounding

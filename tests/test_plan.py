@@ -255,3 +255,16 @@ def test_actor_memory_formula_and_a_node_too_small_for_it() -> None:
                           memory_per_actor=want)
     assert plan.pools["image"].memory == 5 * GiB
     assert not fits([Node(4, memory=10 * GiB)] * 2, [(1.0, 0.0, 6 * GiB)] * 3)
+
+
+def test_refine_none_plans_no_patch_dit_pool() -> None:
+    """``--refine none``: the pools and fused layouts run GRM and assemble actors only."""
+    cfg = PipelineConfig(input="/in", output="/out", weights="w", rtm="r", refine="none")
+    for layout in ("pools", "fused"):
+        graph = plan_graph(cfg, [Node(4)], layout=layout, todo=8, counts={0: 5, 1: 5, 2: 5},
+                           steps=(8, 14, 20))
+        assert graph.dit == {} and sorted(graph.plan.pools) == ["assemble", "grm"], layout
+        assert graph.sampling == "none"
+    diffusion = plan_graph(PipelineConfig(input="/in", output="/out", weights="w", rtm="r"), [Node(4)],
+                           layout="pools", todo=8, counts={0: 5, 1: 5, 2: 5}, steps=(8, 14, 20))
+    assert set(GROUP_POOLS) <= set(diffusion.plan.pools)  # the default still starts them

@@ -98,6 +98,28 @@ def test_upscale_writes_what_the_pipeline_writes(data, capsys) -> None:
     assert len(captured.err.strip().splitlines()) == len(NAMES)
 
 
+@pytest.mark.parametrize("refine,color_fix", [("none", "adain"), ("none", "none")])
+def test_refine_and_color_fix_options_write_what_the_pipeline_writes(data, tmp_path, capsys, refine,
+                                                                     color_fix) -> None:
+    """``--refine none`` (the decoded GRM output) and every colour fix: the same pixels as the pipeline's
+    stages given the same options (the default, diffusion + wavelet, is the test above)."""
+    names = ["rgba.png", "grey16.png", "rgb_48x40.png", "tiny_5x3.png"]
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name in names:
+        (folder / name).write_bytes((data.inputs / name).read_bytes())
+    code = upscale.run(_args(str(folder), str(tmp_path / "out"), "--weights", data.weights, "--rtm", data.rtm,
+                             "--seed", str(SEED), "--device", "cpu", "--refine", refine,
+                             "--color-fix", color_fix))
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()[:-1]]
+    assert code == 0 and {(x["refine"], x["color_fix"]) for x in lines} == {(refine, color_fix)}
+    stages = Stages(weights=data.weights, rtm=data.rtm, seed=SEED, refine=refine, color_fix=color_fix)
+    rows = stages.run(sorted(str(folder / n) for n in names), str(folder), str(tmp_path / "stages"))
+    for line, row in zip(sorted(lines, key=lambda x: x["input"]), rows, strict=True):
+        assert row["status"] == "ok", row["error"]
+        assert np.array_equal(_image(Path(line["output"]))[4], _image(Path(row["output"]))[4]), line["input"]
+
+
 def test_progress_bar_on_a_terminal(monkeypatch) -> None:
     err = io.StringIO()
     monkeypatch.setattr(sys, "stderr", err)
