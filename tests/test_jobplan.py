@@ -227,7 +227,7 @@ def test_patch_rows_carry_one_latent_and_the_noise_is_drawn_again(tiny_model) ->
         meta["latent"] = [plan.grid.height, plan.grid.width]
         tensors = {S.PATCH: plan.patches.numpy(), S.SCORES: np.zeros((len(plan.patches), 2), np.float32),
                    S.RTM_IDX: np.zeros((len(plan.patches), 2), np.int64), S.GROUP: plan.groups.numpy()}
-        parts.append(explode(name, meta, (b"", b"", b""), tensors))
+        parts.append(explode(name, meta, (b"", b"", b"", b""), tensors))
     batch = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     assert set(batch) == set(S.ROW_COLUMNS)
     rows = np.flatnonzero(batch[S.PATCH_INDEX] != S.IMAGE_ROW)[::-3]  # some patches of both, any order

@@ -73,7 +73,7 @@ EXPECTED_CONVERTED = {"L": 1, "RGBA": 1, "I;16": 1}
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("rtm_data")
-    init_weights.run(argparse.Namespace(preset="tiny", out=str(root / "weights"), seed=0))
+    init_weights.run(argparse.Namespace(preset="tiny", out=str(root / "weights"), seed=0, autoencoder=None))
     write_good(root / "a", 4, seed=0)
     write_mixed(root / "b")
     write_good(root / "c", 2, seed=20)
