@@ -30,6 +30,7 @@ from typing import Any
 
 UNIT = 1e-4  # Ray's resource granularity
 RESERVED_TASKS = 2  # one read and one decode task always find room beside the actors
+MEMORY_NOTE_SHARE = 0.9  # the plan notes a memory share below this part of what an actor wants
 LAYOUTS = ("auto", "single", "pools", "fused")
 GROUP_POOLS = ("dit-simple", "dit-medium", "dit-hard")
 DIT_SLOTS_PER_GPU = 2  # Patch-DiT actors per GPU on multi-GPU nodes (docs/pipeline.md)
@@ -226,7 +227,7 @@ def plan_resources(nodes: list[Node], pools: dict[str, int], *, device: str, tas
     memory, notes = 0, []
     if memory_per_actor > 0 and any(n.memory > 0 for n in nodes):
         memory = _largest_memory(nodes, lambda m: [(cpu, gpu, m)] * actors + reserve, memory_per_actor)
-        if memory < memory_per_actor:
+        if memory < MEMORY_NOTE_SHARE * memory_per_actor:  # a rounding short of it is not worth a line
             notes.append(f"memory: {memory / 2**30:.1f} GiB per actor, not the "
                          f"{memory_per_actor / 2**30:.1f} GiB an image at the pixel limit needs "
                          "(lower --max-pixels or the actor counts)")
