@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
@@ -17,3 +18,14 @@ def pick_device(name: str) -> str:
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return name
+
+
+def add_refine_arguments(p: argparse.ArgumentParser, *, pipeline: bool = False) -> None:
+    """``--refine`` and ``--color-fix``, the same on ``upscale`` and ``upscale-dataset``."""
+    actors = "no Patch-DiT actors, " if pipeline else ""
+    p.add_argument("--refine", choices=["diffusion", "none"], default="diffusion",
+                   help="diffusion: Patch-DiT sampling (PGS); none: the decoded GRM output, no sampling "
+                        f"(fast, {actors}no generated texture)")
+    p.add_argument("--color-fix", choices=["wavelet", "adain", "none"], default=None,
+                   help="colour correction against the bicubic image (default: wavelet, chosen by "
+                        "measurement: docs/model.md)")

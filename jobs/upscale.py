@@ -27,7 +27,7 @@ import sys
 import time
 from typing import Any
 
-from jobs.defaults import DEMO_RTM, DEMO_WEIGHTS
+from jobs.defaults import DEMO_RTM, DEMO_WEIGHTS, add_refine_arguments
 
 FORMATS_BY_SUFFIX = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}
 # the files of a checkpoint and of an RTM, as patchscaler/weights.py names them (importing it loads torch)
@@ -46,12 +46,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rtm", default=str(DEMO_RTM), help="RTM artifact dir or s3:// prefix")
     p.add_argument("--autoencoder", default=None, help="separate SD-VAE weights (file or diffusers dir)")
     p.add_argument("--mode", choices=["adaptive", "uniform"], default=None, help="override sampling mode")
-    p.add_argument("--refine", choices=["diffusion", "none"], default="diffusion",
-                   help="diffusion: Patch-DiT sampling (PGS); none: the decoded GRM output, no sampling "
-                        "(fast, no generated texture)")
-    p.add_argument("--color-fix", choices=["wavelet", "adain", "none"], default=None,
-                   help="colour correction against the bicubic image (default: wavelet, chosen by "
-                        "measurement: docs/model.md)")
+    add_refine_arguments(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--format", dest="fmt", choices=["png", "jpeg", "webp"], default=None,

@@ -16,7 +16,7 @@ import os
 import posixpath
 from typing import Any
 
-from jobs.defaults import DEMO_RTM, DEMO_WEIGHTS
+from jobs.defaults import DEMO_RTM, DEMO_WEIGHTS, add_refine_arguments
 
 GROUPS = ("simple", "medium", "hard")
 
@@ -146,12 +146,7 @@ def add_pipeline_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="noise seed of every image (as `upscale --seed`)")
     p.add_argument("--mode", choices=["adaptive", "uniform"], default=None,
                    help="sampling mode (default: the checkpoint's)")
-    p.add_argument("--refine", choices=["diffusion", "none"], default="diffusion",
-                   help="diffusion: Patch-DiT sampling (PGS); none: the decoded GRM output, no sampling "
-                        "(fast, no Patch-DiT actors, no generated texture)")
-    p.add_argument("--color-fix", choices=["wavelet", "adain", "none"], default=None,
-                   help="colour correction against the bicubic image (default: wavelet, chosen by "
-                        "measurement: docs/model.md)")
+    add_refine_arguments(p, pipeline=True)
     p.add_argument("--device", default="auto", help="auto (cuda if the cluster has GPUs), cpu, cuda")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                    help="inference precision of the model actors; auto: bf16 on CUDA, fp32 on CPU")
