@@ -26,9 +26,16 @@ common=(--cpus-per-worker "$CPUS" --log-every 20 --lr-schedule cosine --warmup-s
 [ -f "$RUN/init/config.json" ] || cli init-weights --preset tiny --out "$RUN/init" --seed 0
 
 # Autoencoder: MSE (chosen over L1 and MSE + FFT by measurement, docs/training.md), photos + illustrations.
+# AE_FROM=assets/demo/weights keeps an already trained autoencoder instead (it sees clean HR crops only, so
+# a change of the degradation range does not touch it) and saves its 30 minutes.
+if [ -n "${AE_FROM:-}" ]; then
+  [ -f "$RUN/ae/reused.json" ] || "$PY" scripts/reuse_autoencoder.py --init "$RUN/init" --source "$AE_FROM" \
+    --out "$RUN/ae"
+else
 cli train-autoencoder --init "$RUN/init" --out "$RUN/ae" --data "$DATA/photos" --data "$DATA/illustrations" \
   --recon-loss "${AE_LOSS:-mse}" --steps "${AE_STEPS:-2500}" --batch-size 16 --crop 64 \
   --crops-per-image 8 --lr 1e-3 --checkpoint-every 500 "${common[@]}"
+fi
 
 # GRM (Eq. 1/8) on Real-ESRGAN-degraded photos; gamma1/gamma2 calibrated on the validation photos.
 cli train-grm --init "$RUN/ae" --out "$RUN/grm" --data "$DATA/photos" --val-data "$DATA/val" \
@@ -51,12 +58,16 @@ cli train-patchdit --init "$RUN/cls" --out "$RUN/final" --data "$DATA/photos" --
 
 [ "${SHIP:-1}" = 1 ] || exit 0
 # Ship: the checkpoint (no optimizer state), the RTM artifact, the loss curves and the model card.
-rm -rf assets/demo/weights assets/demo/rtm assets/demo/curves
+rm -rf assets/demo/weights assets/demo/rtm
+[ -n "${AE_FROM:-}" ] || rm -rf assets/demo/curves
 mkdir -p assets/demo/weights assets/demo/rtm assets/demo/curves
 cp "$RUN/final/config.json" "$RUN/final/model.safetensors" assets/demo/weights/
 # the RTM without its candidate pool (candidates.parquet, 16 MB: only `build-rtm --add-source` reads it)
 find "$RUN/rtm" -maxdepth 1 -type f ! -name candidates.parquet -exec cp {} assets/demo/rtm/ \;
-for stage in ae grm cls final; do cp "$RUN/$stage/loss_curve.png" "assets/demo/curves/$stage.png"; done
+for stage in ae grm cls final; do
+  # a reused autoencoder keeps the curve of its own training (the one shipped with it)
+  if [ -f "$RUN/$stage/loss_curve.png" ]; then cp "$RUN/$stage/loss_curve.png" "assets/demo/curves/$stage.png"; fi
+done
 minutes=$(( ($(date +%s) - start) / 60 ))
 "$PY" scripts/demo_card.py --runs "$RUN" --data "$DATA" --wall-minutes "$minutes"
 du -sh assets/demo
