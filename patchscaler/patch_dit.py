@@ -98,11 +98,18 @@ class PatchDiT(nn.Module):
         self.final_layer = FinalLayer(
             hidden_size=hidden, patch_size=config.patch_size, out_channels=self.out_channels
         )
+        # A 3x3 convolution after unpatchify, as U-ViT adds one after its last linear projection (Bao et
+        # al., "All are Worth Words", CVPR 2023, arXiv:2209.12152): each token's p x p output comes from its own linear
+        # row, so an undertrained DiT shows a grid of p-latent-pixel squares (every 8 output pixels of the
+        # tiny preset); the convolution mixes neighbouring tokens' borders. Residual and zero at init.
+        self.out_conv = nn.Conv2d(self.out_channels, self.out_channels, kernel_size=3, padding=1,
+                                  padding_mode="replicate")
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
         """As DiT: xavier-uniform linears, patch embedding like a linear, N(0, 0.02) timestep MLP, zero
-        adaLN modulation, zero cross-attention gates and a zero final layer (so eps = 0 at init)."""
+        adaLN modulation, zero cross-attention gates, a zero final layer and output convolution (so eps = 0
+        at init)."""
 
         def _basic_init(module: nn.Module) -> None:
             if isinstance(module, nn.Linear):
@@ -120,7 +127,7 @@ class PatchDiT(nn.Module):
             for layer in (block.adaLN_modulation[-1], block.gate_xa[-1]):
                 nn.init.zeros_(layer.weight)
                 nn.init.zeros_(layer.bias)
-        for layer in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
+        for layer in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear, self.out_conv):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
@@ -159,4 +166,5 @@ class PatchDiT(nn.Module):
             kv = prompt_kv[i] if prompt_kv is not None else None
             x = block(x, c, prompt, prompt_kv=kv)  # (B, L, hidden)
         x = self.final_layer(x, c)  # (B, L, p*p*C)
-        return self.unpatchify(x)  # (B, C, S, S)
+        x = self.unpatchify(x)  # (B, C, S, S)
+        return x + self.out_conv(x)  # (B, C, S, S)

@@ -44,9 +44,30 @@ def _cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def _stage_rows(runs: Path) -> tuple[list[str], float, dict]:
+def _reused_row(runs: Path, folder: str, command: str, card: str) -> str | None:
+    """The existing card's row of a stage that this run reused (``scripts/reuse_autoencoder.py`` wrote
+    ``reused.json``), marked as such; None when the stage was trained in this run."""
+    reused = runs / folder / "reused.json"
+    if not reused.exists():
+        return None
+    source = json.loads(reused.read_text())
+    row = re.search(rf"^\| `{command}` \|.*\|$", card, re.M)
+    if row is None:
+        raise SystemExit(f"{runs / folder} was reused, but the existing card has no `{command}` row to keep")
+    cells = row.group(0).rstrip("|").split("|")
+    cells[-1] = (f" reused: trained in {cells[-1].strip()} for {source['source']} (version "
+                 f"{source['source_version']}), 0 min in this run ")
+    return "|".join(cells) + "|"
+
+
+def _stage_rows(runs: Path, card: str = "") -> tuple[list[str], float, dict]:
     rows, total, calibration = [], 0.0, {}
     for folder, command in STAGES:
+        kept = _reused_row(runs, folder, command, card)
+        if kept is not None:  # its training time still counts in the model's total
+            rows.append(kept)
+            total += float(re.search(r"trained in ([\d.]+) min", kept).group(1)) * 60
+            continue
         state = read_training_log(str(runs / folder))
         cfg = state.get("config", {})
         hist = state["history"]
@@ -151,15 +172,16 @@ def main() -> None:
     counts_rtm = rtm_manifest.get("counts", {})
     figure = Path(args.out).parent / FIGURE
     if args.runs:
-        rows, train_seconds, calibration = _stage_rows(Path(args.runs))
+        old_card = Path(args.out).read_text() if Path(args.out).exists() else ""
+        rows, train_seconds, calibration = _stage_rows(Path(args.runs), old_card)
         n_photos = len(list((Path(args.data) / "photos").glob("*.png"))) // 2
         wall = f"{args.wall_minutes:.0f} min" if args.wall_minutes else "see the training table"
         training = f"""| stage | steps | batch × crop | lr (schedule) | loss first → last | time |
 |---|---|---|---|---|---|
 {chr(10).join(rows)}
 
-Optimizer time {train_seconds / 60:.1f} min in all; wall time of `scripts/train_demo.sh` (Ray start-ups,
-RTM build and this card included): {wall}.
+Optimizer time {train_seconds / 60:.1f} min in all (a reused stage counted with its own training time); wall
+time of this run of `scripts/train_demo.sh` (Ray start-ups, RTM build and this card included): {wall}.
 
 Hardware: {_cpu_name()}, {os.cpu_count()} cores, no GPU, shared with other jobs; torch {torch.__version__},
 fp32."""

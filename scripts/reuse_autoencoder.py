@@ -17,7 +17,9 @@ import dataclasses
 import json
 from pathlib import Path
 
-from patchscaler.weights import load_checkpoint, save_checkpoint
+from safetensors.torch import load_file
+
+from patchscaler.weights import content_hash, load_checkpoint, load_config, save_checkpoint
 
 REUSED_FILE = "reused.json"
 
@@ -28,18 +30,24 @@ def main() -> None:
     p.add_argument("--source", required=True, help="a checkpoint whose autoencoder is kept")
     p.add_argument("--out", required=True)
     args = p.parse_args()
-    init, source = load_checkpoint(args.init), load_checkpoint(args.source)
-    def shape(m):  # the autoencoder's architecture: its config but the latent scale
-        return dataclasses.replace(m.config.autoencoder, scaling_factor=0.0)
+    # only the autoencoder of --source is read: its other modules may be of an older architecture
+    init, source_config = load_checkpoint(args.init), load_config(args.source)
+    state = load_file(str(Path(args.source) / "model.safetensors"))
+    prefix = "autoencoder."
+    ae_state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
-    if shape(init) != shape(source):
+    def shape(config):  # the autoencoder's architecture: its config but the latent scale
+        return dataclasses.replace(config.autoencoder, scaling_factor=0.0)
+
+    if shape(init.config) != shape(source_config):
         raise SystemExit(f"{args.source}'s autoencoder is not the architecture of {args.init}")
-    init.autoencoder.load_state_dict(source.autoencoder.state_dict(), strict=True)
-    init.config = init.config.replace(autoencoder=source.config.autoencoder)
+    init.autoencoder.load_state_dict(ae_state, strict=True)
+    init.config = init.config.replace(autoencoder=source_config.autoencoder)
     version = save_checkpoint(init, args.out)
-    record = {"source": args.source, "source_version": source.version, "version": version}
+    source_version = content_hash((Path(args.source) / "model.safetensors").read_bytes())
+    record = {"source": args.source, "source_version": source_version, "version": version}
     (Path(args.out) / REUSED_FILE).write_text(json.dumps(record, indent=1))
-    print(f"{args.out}: autoencoder of {args.source} (version {source.version}), the rest from {args.init}")
+    print(f"{args.out}: autoencoder of {args.source} (version {source_version}), the rest from {args.init}")
 
 
 if __name__ == "__main__":

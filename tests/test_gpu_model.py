@@ -39,7 +39,8 @@ def hand_count_patch_dit_step(preset: str) -> int:
         + 2 * n_tok * d * d + 2 * s * d * 2 * d + 2 * 2 * n_tok * s * d + 2 * n_tok * d * d  # cross-attn
         + 2 * 2 * n_tok * d * mlp  # MLP
     )
-    final = 2 * d * 2 * d + 2 * n_tok * d * p * p * c
+    size = cfg.patch_dit.input_size
+    final = 2 * d * 2 * d + 2 * n_tok * d * p * p * c + 2 * size * size * c * c * 9  # + output 3x3 conv
     return embed + cfg.patch_dit.depth * block + final
 
 

@@ -118,6 +118,22 @@ def test_clean_pairs_equal_bicubic_and_the_shares_mix() -> None:
     assert float((mild - bicubic).abs().mean()) < float((heavy - bicubic).abs().mean())
 
 
+def test_keep_color_removes_the_clipping_cast_of_saturated_images() -> None:
+    """Warm, saturated images (red near 1, blue near 0): the heavy pipeline's clipped noise pulls red
+    down and blue up; with keep_color each LR has its bicubic's channel means (up to the re-clip and the
+    8-bit rounding), and the structure of the degradation is the same draw."""
+    hr = _smooth_images(16, 64, seed=7)
+    hr = torch.stack([0.85 + 0.15 * hr[:, 0], 0.5 * hr[:, 1], 0.1 * hr[:, 2]], dim=1)  # (16, 3, 64, 64)
+    bicubic = degrade(hr, config=DegradationConfig(kind="bicubic"), generator=torch.Generator())
+    shift = {}
+    for keep in (False, True):
+        lr = degrade(hr, config=DegradationConfig(keep_color=keep), generator=torch.Generator().manual_seed(2))
+        shift[keep] = ((lr - bicubic).mean(dim=(2, 3)) * 255).mean(dim=0)  # (3,) in 1/255
+    assert shift[False][0] < -1.0 and shift[False][2] > 1.0  # the cast: red down, blue up
+    assert float(shift[True].abs().max()) < 0.5 * float(shift[False].abs().max())
+    assert float(shift[True][0].abs()) < 0.5  # red is where the clipping costs most
+
+
 def test_per_sample_kernels_differ_and_grouped_filtering_matches_one_by_one() -> None:
     g = torch.Generator().manual_seed(0)
     kernels = random_blur_kernels(g, DegradationConfig(), 6, second=False, device=torch.device("cpu"))

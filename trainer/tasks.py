@@ -56,6 +56,7 @@ class TrainConfig:
     # grm / patchdit: shares of clean (bicubic-only) and mild pairs beside Real-ESRGAN's (DegradationConfig)
     clean_share: float = 0.1
     mild_share: float = 0.2
+    keep_color: bool = True  # grm / patchdit: degraded LR keeps its bicubic's channel means (DegradationConfig)
     pair_pool: int = 0  # grm / patchdit: Real-ESRGAN's pool of training pairs (pairs kept; 0: off)
     kl_weight: float = 1e-6  # autoencoder (AutoencoderKL only)
     recon_loss: str = "l1"  # autoencoder: "l1" (LDM), "mse" or "mse+fft" (patchscaler/training/losses.py)
@@ -172,7 +173,8 @@ class Task:
 
     def degradation(self) -> DegradationConfig:
         return DegradationConfig(kind=self.cfg.degradation, scale=self.model.config.scale,
-                                 clean_share=self.cfg.clean_share, mild_share=self.cfg.mild_share)
+                                 clean_share=self.cfg.clean_share, mild_share=self.cfg.mild_share,
+                                 keep_color=self.cfg.keep_color)
 
     def degrade(self, hr: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """LR images of ``hr`` (B, 3, H, W) on the training device. Off the CPU, the randomness comes from

@@ -75,6 +75,12 @@ class DegradationConfig:
     mild_blur_sigma: tuple[float, float] = (0.2, 1.2)
     mild_noise_range: tuple[float, float] = (0.0, 5.0)  # Gaussian sigma on the 0..255 scale
     mild_jpeg_range: tuple[float, float] = (70.0, 95.0)
+    # Move each degraded LR's per-channel mean to that of its plain bicubic down-sampling. The pipeline's
+    # noise is clipped to [0, 1], which pulls saturated channels towards grey (on warm photographs about
+    # -1.9/255 red, +3.4/255 blue on average): a model trained on it learns to push red up and blue down,
+    # the cast issue 16 measured on inputs that were never clipped. Off here (Real-ESRGAN's pipeline as
+    # published); the trainers turn it on (trainer/tasks.py, --no-keep-color).
+    keep_color: bool = False
 
     def __post_init__(self) -> None:
         if min(self.clean_share, self.mild_share) < 0 or self.clean_share + self.mild_share > 1:
@@ -374,6 +380,10 @@ def degrade(hr: torch.Tensor, *, config: DegradationConfig, generator: torch.Gen
             out[index] = _mild(generator, part, config, lr_size)
         else:
             out[index] = _heavy(generator, part, config, lr_size)
+    if config.keep_color:
+        degraded = ~groups["clean"]  # clean pairs are their bicubic already
+        shift = out.mean(dim=(2, 3), keepdim=True) - _clean(img, lr_size).mean(dim=(2, 3), keepdim=True)
+        out = torch.where(degraded[:, None, None, None], out - shift, out)  # (B, 3, h, w)
     return _quantise(out)  # (B, 3, H/scale, W/scale)
 
 
