@@ -257,16 +257,22 @@ class _Tally:
     failures: list[tuple[str, str]] = field(default_factory=list)
     pools: list[dict[str, int]] = field(default_factory=list)
     stopped: str = ""
+    rate_checked: bool = False  # the --max-error-rate check ran (it runs once)
 
 
 def stop_reason(cfg: PipelineConfig, tally: _Tally, *, todo: int, idle: float) -> str:
     """Why the driver should stop the job now ("" to go on), printed as one line: no image finished for
-    ``--stall-minutes`` (``idle`` seconds), or more than ``--max-error-rate`` of the first
-    ``error_window`` images failed (checked once, when they are in, in a job of more images)."""
+    ``--stall-minutes`` (``idle`` seconds), or more than ``--max-error-rate`` of the first images failed.
+    The error rate is checked once, in a job of more than ``error_window`` images, at the first call
+    that sees at least ``error_window`` images done, on every image done at that moment (a call may see
+    more than ``error_window``: the rate is then of those; ``tally.rate_checked`` records the check)."""
     if cfg.stall_minutes > 0 and idle >= cfg.stall_minutes * 60:
         return f"no image finished in {cfg.stall_minutes:g} minutes (--stall-minutes)"
     done = tally.ok + tally.failed
-    if todo > cfg.error_window and done == cfg.error_window and tally.failed > cfg.max_error_rate * done:
+    if tally.rate_checked or todo <= cfg.error_window or done < cfg.error_window:
+        return ""
+    tally.rate_checked = True
+    if tally.failed > cfg.max_error_rate * done:
         first = tally.failures[0][1] if tally.failures else ""
         return (f"{tally.failed} of the first {done} images failed, more than --max-error-rate "
                 f"{cfg.max_error_rate:g} (check --weights, --rtm and the options; first error: {first})")
