@@ -238,7 +238,7 @@ def phase(inputs: Path, output: Path, listing: Path, consolidate: bool) -> dict:
     ray.shutdown()
     if consolidate:
         start = time.perf_counter()
-        out["consolidated_rows"] = consolidate_table(str(output), plan.ids, {}).num_rows
+        out["consolidated_rows"] = consolidate_table(str(output), plan.ids, {}, columns=["id"]).num_rows
         out["consolidate_s"] = time.perf_counter() - start
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return out

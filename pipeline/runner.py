@@ -37,7 +37,7 @@ from typing import Any
 
 from pipeline import schema as S
 from pipeline import scores as Q
-from pipeline.build import PipelineConfig, cluster_nodes, iter_manifest_rows, plan_graph
+from pipeline.build import PipelineConfig, block_bytes_of, cluster_nodes, iter_manifest_rows, plan_graph
 from pipeline.io import SCORES_DIR, join, remove
 from pipeline.jobplan import JobPlan, clear_work, plan_job, todo_rows
 from pipeline.manifest import (
@@ -296,7 +296,8 @@ def _execute(cfg: PipelineConfig, plan: JobPlan, assets: LoadedAssets, recorder:
     counts = {g: round(share * 1_000_000) for g, share in enumerate(plan.shares)}  # only the ratio counts
     tally = _Tally()
     graph = plan_graph(cfg, nodes, layout=layout, todo=plan.todo, counts=counts, steps=steps,
-                       fused_ok=fused_ok, model_bytes=model_bytes)
+                       fused_ok=fused_ok, model_bytes=model_bytes,
+                       image_bytes=block_bytes_of(assets.model.config, cfg.max_pixels))
     tally.pools.append({name: p.actors for name, p in graph.plan.pools.items()})
     if echo:
         print(f"running {plan.todo} images: {graph.describe()}", flush=True)
@@ -379,7 +380,8 @@ def run_pipeline(cfg: PipelineConfig, *, echo: bool = True, plan: JobPlan | None
     storage_error = recorder.error
     consolidated = 0
     try:
-        table = consolidate_table(cfg.output, plan.ids, cfg.storage_options)
+        table = consolidate_table(cfg.output, plan.ids, cfg.storage_options,
+                                  columns=["id", "status", "finished_at"])  # what scores.consolidate reads
         consolidated = table.num_rows
         if cfg.score is not None:
             scores = Q.consolidate(cfg.output, table.to_pandas(), cfg.storage_options)
