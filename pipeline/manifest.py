@@ -89,11 +89,17 @@ def read_all(output: str, options: dict[str, Any], columns: list[str] | None = N
     return pa.concat_tables(tables) if tables else schema.empty_table()
 
 
-def read_latest(output: str, options: dict[str, Any], columns: list[str] | None = None) -> pa.Table:
+def read_latest(output: str, options: dict[str, Any], columns: list[str] | None = None,
+                ids: pa.Array | None = None) -> pa.Table:
     """The latest manifest row per id (``columns``, which must hold ``id`` and ``finished_at``; default:
-    all) of every part under ``OUTPUT/_manifest``, as Arrow: a few bytes per row and column, where the
-    pandas frame of ``read_parts`` costs an object per value. One copy beside the rows read."""
-    return latest_table(read_all(output, options, columns))
+    all) of every part under ``OUTPUT/_manifest`` (only the ids in ``ids``, when given), as Arrow: a few
+    bytes per row and column, where the pandas frame of ``read_parts`` costs an object per value. One
+    copy beside the rows read."""
+    rows = read_all(output, options, columns)
+    latest = _latest_indices(rows)
+    if ids is not None:
+        latest = latest.filter(pc.is_in(rows["id"].take(latest), value_set=ids))
+    return rows.take(latest)
 
 
 def latest_table(rows: pa.Table) -> pa.Table:
