@@ -365,9 +365,9 @@ def dry_run(args: argparse.Namespace, cfg: Any) -> int:
     """``--dry-run``: what the job would do and cost; writes nothing, runs no model."""
     from patchscaler.flops import patch_step_flops
     from patchscaler.weights import load_config
-    from pipeline.build import block_bytes_of, plan_graph
+    from pipeline.build import plan_graph
     from pipeline.jobplan import estimate, plan_job
-    from pipeline.plan import PlanError
+    from pipeline.plan import PlanError, block_bytes_of
     from pipeline.runner import sampler_steps
     from pipeline.single import can_fuse
 

@@ -48,7 +48,6 @@ from pipeline.plan import (
     choose_layout,
     gpu_pool_counts,
     grm_images,
-    image_block_bytes,
     plan_resources,
     single_actors,
 )
@@ -210,21 +209,12 @@ def pool_sizes(cfg: PipelineConfig, total: int, counts: dict[int, int], steps: t
     return dit_pool_sizes(work, total)
 
 
-def block_bytes_of(config: Any, max_pixels: int) -> int:
-    """``plan.image_block_bytes`` of an image at ``max_pixels`` for the model ``config``."""
-    s = config.sampler
-    return image_block_bytes(pixels=max_pixels, scale=config.scale,
-                             downsample=config.autoencoder.downsample_factor,
-                             latent_channels=config.latent_channels, patch=s.patch_size, overlap=s.overlap,
-                             top_k=config.texture_encoder.top_k)
-
-
 def plan_graph(cfg: PipelineConfig, nodes: list[Node], *, layout: str, todo: int, counts: dict[int, int],
                steps: tuple[int, int, int], fused_ok: bool = True, model_bytes: int = 0,
                image_bytes: int = 0) -> Graph:
     """The pools and resources of an execution of ``todo`` images in ``layout`` (``plan.PlanError`` when
     they cannot fit on ``nodes``). With ``model_bytes`` (the model's tensors) every actor declares
-    ``plan.actor_memory`` of the pixel limit; with ``image_bytes`` (``block_bytes_of`` the pixel limit)
+    ``plan.actor_memory`` of the pixel limit; with ``image_bytes`` (``plan.block_bytes_of`` the limit)
     the pools layouts' GRM calls take no more images than keep a block under ``plan.BLOCK_BYTES_CAP``."""
     scorers = {"score": cfg.score.actors} if cfg.score is not None else {}
     memory = actor_memory(model_bytes=model_bytes, max_pixels=cfg.max_pixels) if model_bytes else 0
@@ -303,7 +293,8 @@ def source_dataset(cfg: PipelineConfig, blocks: list[tuple[str, int]], rows_per_
                         num_cpus=0, concurrency=1)
     ds = ds.repartition(target_num_rows_per_block=rows_per_block)
     # Dataset.repartition takes no resource arguments; its tasks would ask for Ray Data's default of
-    # one CPU, which the actors may all hold: ask for none (the logical operator's remote args).
+    # one CPU, which the actors may all hold: ask for none (the logical operator's remote args). Ray 2.60
+    # has no public way: under unsplit_blocks() a map task (num_cpus=0) makes one block per input block.
     ds._logical_plan.dag.ray_remote_args["num_cpus"] = 0
     return ds
 

@@ -185,6 +185,16 @@ def image_block_bytes(*, pixels: int, scale: int, downsample: int, latent_channe
     return per_axis * per_axis * row + pixels * LR_BYTES_PER_PIXEL
 
 
+def block_bytes_of(config: Any, max_pixels: int) -> int:
+    """``image_block_bytes`` of an image at ``max_pixels`` for the model ``config``
+    (``patchscaler.config.PatchScalerConfig``)."""
+    s = config.sampler
+    return image_block_bytes(pixels=max_pixels, scale=config.scale,
+                             downsample=config.autoencoder.downsample_factor,
+                             latent_channels=config.latent_channels, patch=s.patch_size, overlap=s.overlap,
+                             top_k=config.texture_encoder.top_k)
+
+
 def grm_images(*, image_bytes: int, asked: int, cap: int = BLOCK_BYTES_CAP) -> int:
     """Images per GRM call (= per block): ``asked`` (``--grm-batch``), fewer when that many images of
     ``image_bytes`` would make a block over ``cap``, and never fewer than one."""

@@ -37,7 +37,7 @@ from typing import Any
 
 from pipeline import schema as S
 from pipeline import scores as Q
-from pipeline.build import PipelineConfig, block_bytes_of, cluster_nodes, iter_manifest_rows, plan_graph
+from pipeline.build import PipelineConfig, cluster_nodes, iter_manifest_rows, plan_graph
 from pipeline.io import SCORES_DIR, join, remove
 from pipeline.jobplan import JobPlan, clear_work, plan_job, todo_rows
 from pipeline.manifest import (
@@ -52,6 +52,7 @@ from pipeline.manifest import (
     remove_parts,
     write_part,
 )
+from pipeline.plan import block_bytes_of
 from pipeline.progress import Progress
 from pipeline.shared import LoadedAssets
 
@@ -262,10 +263,9 @@ class _Tally:
 
 def stop_reason(cfg: PipelineConfig, tally: _Tally, *, todo: int, idle: float) -> str:
     """Why the driver should stop the job now ("" to go on), printed as one line: no image finished for
-    ``--stall-minutes`` (``idle`` seconds), or more than ``--max-error-rate`` of the first images failed.
-    The error rate is checked once, in a job of more than ``error_window`` images, at the first call
-    that sees at least ``error_window`` images done, on every image done at that moment (a call may see
-    more than ``error_window``: the rate is then of those; ``tally.rate_checked`` records the check)."""
+    ``--stall-minutes`` (``idle`` seconds), or more than ``--max-error-rate`` of the first images failed:
+    checked once (``tally.rate_checked``) in a job of more than ``error_window`` images, at the first
+    call that sees at least ``error_window`` done, on all the images done then."""
     if cfg.stall_minutes > 0 and idle >= cfg.stall_minutes * 60:
         return f"no image finished in {cfg.stall_minutes:g} minutes (--stall-minutes)"
     done = tally.ok + tally.failed

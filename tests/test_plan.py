@@ -9,7 +9,7 @@ import random
 
 import pytest
 
-from pipeline.build import GROUP_KEYS, PipelineConfig, block_bytes_of, plan_graph
+from pipeline.build import GROUP_KEYS, PipelineConfig, plan_graph
 from pipeline.plan import (
     BLOCK_BYTES_CAP,
     GROUP_POOLS,
@@ -21,6 +21,7 @@ from pipeline.plan import (
     PlanError,
     ResourcePlan,
     actor_memory,
+    block_bytes_of,
     choose_layout,
     fits,
     gpu_pool_counts,
