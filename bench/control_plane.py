@@ -223,7 +223,8 @@ def phase(inputs: Path, output: Path, listing: Path, consolidate: bool) -> dict:
     start = time.perf_counter()
     plan = plan_job(cfg)
     out = {"plan_s": time.perf_counter() - start, "inputs": plan.inputs, "todo": plan.todo, "done": plan.done,
-           "rss_before_plan_mb": rss0}
+           "rss_before_plan_mb": rss0,
+           "peak_after_plan_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     import ray
 
     start = time.perf_counter()
@@ -236,9 +237,10 @@ def phase(inputs: Path, output: Path, listing: Path, consolidate: bool) -> dict:
         out["first_block_s"], out["first_block_rows"] = time.perf_counter() - start, batch.num_rows
         break
     ray.shutdown()
+    out["peak_after_ray_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if consolidate:
         start = time.perf_counter()
-        out["consolidated_rows"] = consolidate_table(str(output), plan.ids, {}).num_rows
+        out["consolidated_rows"] = consolidate_table(str(output), plan.ids, {}, columns=["id"]).num_rows
         out["consolidate_s"] = time.perf_counter() - start
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return out
@@ -285,7 +287,8 @@ def phases(args: argparse.Namespace, root: Path, paths: list[str], inputs: Path,
         print(f"\nresume, {args.resume_rows:,}-row manifest + 20 new inputs: plan {resume['plan_s']:.1f} s "
               f"({resume['done']:,} done, {resume['todo']} to do), consolidated manifest "
               f"({resume['consolidated_rows']:,} rows) {resume['consolidate_s']:.1f} s, driver peak RSS "
-              f"{resume['peak_rss_mb']:.0f} MB")
+              f"{resume['peak_rss_mb']:.0f} MB (peak after the plan {resume['peak_after_plan_mb']:.0f} MB, "
+              f"after Ray and the first block {resume['peak_after_ray_mb']:.0f} MB; the rest: the rewrite)")
     if args.json:
         Path(args.json).write_text(json.dumps({"phases": rows, "resume": resume}, indent=1))
 

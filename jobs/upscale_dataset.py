@@ -367,7 +367,7 @@ def dry_run(args: argparse.Namespace, cfg: Any) -> int:
     from patchscaler.weights import load_config
     from pipeline.build import plan_graph
     from pipeline.jobplan import estimate, plan_job
-    from pipeline.plan import PlanError
+    from pipeline.plan import PlanError, block_bytes_of
     from pipeline.runner import sampler_steps
     from pipeline.single import can_fuse
 
@@ -400,7 +400,8 @@ def dry_run(args: argparse.Namespace, cfg: Any) -> int:
     layout = cfg.resolved_layout(plan.todo)
     try:
         graph = plan_graph(cfg, nodes, layout=layout, todo=plan.todo, counts=counts,
-                           steps=sampler_steps(config, cfg.mode), fused_ok=can_fuse(config, cfg.mode))
+                           steps=sampler_steps(config, cfg.mode), fused_ok=can_fuse(config, cfg.mode),
+                           image_bytes=block_bytes_of(config, cfg.max_pixels))
     except PlanError as exc:
         print(f"resource plan: {exc}")
         return 2
@@ -412,6 +413,8 @@ def dry_run(args: argparse.Namespace, cfg: Any) -> int:
         print(f"  {name}: {pool.actors} actor(s) x {pool.num_cpus:g} CPU{gpu}")
     if graph.plan.tasks:
         print(f"  read/decode: up to {graph.plan.tasks} task(s) x {graph.plan.task_cpus:g} CPU")
+    if graph.layout != "single":
+        print(f"  {graph.batch} image(s) a GRM call and block (--grm-batch, capped by --max-pixels)")
     print(f"  layout {graph.layout}, {graph.plan.actors} model actors; nothing was run (--dry-run)")
     return 0
 

@@ -47,6 +47,7 @@ from pipeline.plan import (
     actor_memory,
     choose_layout,
     gpu_pool_counts,
+    grm_images,
     plan_resources,
     single_actors,
 )
@@ -146,6 +147,8 @@ class Graph:
         if p.memory:
             res += f" + {p.memory / 2**30:.1f} GiB"
         tasks = f"; read/decode tasks <= {self.plan.tasks}" if self.plan.tasks else ""
+        if self.layout != "single":
+            tasks += f"; {self.batch} images a block"
         return f"layout {self.layout}: actors {pools} ({res} each){tasks}"
 
 
@@ -207,10 +210,12 @@ def pool_sizes(cfg: PipelineConfig, total: int, counts: dict[int, int], steps: t
 
 
 def plan_graph(cfg: PipelineConfig, nodes: list[Node], *, layout: str, todo: int, counts: dict[int, int],
-               steps: tuple[int, int, int], fused_ok: bool = True, model_bytes: int = 0) -> Graph:
+               steps: tuple[int, int, int], fused_ok: bool = True, model_bytes: int = 0,
+               image_bytes: int = 0) -> Graph:
     """The pools and resources of an execution of ``todo`` images in ``layout`` (``plan.PlanError`` when
     they cannot fit on ``nodes``). With ``model_bytes`` (the model's tensors) every actor declares
-    ``plan.actor_memory`` of the pixel limit."""
+    ``plan.actor_memory`` of the pixel limit; with ``image_bytes`` (``plan.block_bytes_of`` the limit)
+    the pools layouts' GRM calls take no more images than keep a block under ``plan.BLOCK_BYTES_CAP``."""
     scorers = {"score": cfg.score.actors} if cfg.score is not None else {}
     memory = actor_memory(model_bytes=model_bytes, max_pixels=cfg.max_pixels) if model_bytes else 0
     common = {"device": cfg.device, "cpus_per_actor": cfg.cpus_per_actor,
@@ -227,7 +232,8 @@ def plan_graph(cfg: PipelineConfig, nodes: list[Node], *, layout: str, todo: int
     pools = {"grm": grm, **{names[g]: k for g, k in sizes.items()}, "assemble": assemble, **scorers}
     cap = max(1, min(cfg.decode_tasks or todo, todo))  # no more tasks than images
     plan = plan_resources(nodes, pools, tasks=cap, **common)
-    return Graph(layout, plan, cfg.grm_batch, sizes, cfg.sampling(layout), todo=todo)
+    batch = grm_images(image_bytes=image_bytes, asked=cfg.grm_batch) if image_bytes else cfg.grm_batch
+    return Graph(layout, plan, batch, sizes, cfg.sampling(layout), todo=todo)
 
 
 def _guarded(graph: Graph, cfg: PipelineConfig, stage: type, kwargs: dict[str, Any], name: str
@@ -287,7 +293,8 @@ def source_dataset(cfg: PipelineConfig, blocks: list[tuple[str, int]], rows_per_
                         num_cpus=0, concurrency=1)
     ds = ds.repartition(target_num_rows_per_block=rows_per_block)
     # Dataset.repartition takes no resource arguments; its tasks would ask for Ray Data's default of
-    # one CPU, which the actors may all hold: ask for none (the logical operator's remote args).
+    # one CPU, which the actors may all hold: ask for none (the logical operator's remote args). Ray 2.60
+    # has no public way: under unsplit_blocks() a map task (num_cpus=0) makes one block per input block.
     ds._logical_plan.dag.ray_remote_args["num_cpus"] = 0
     return ds
 

@@ -244,12 +244,13 @@ def _columns(sources: list[str], in_root: str, ext: str, folders: set[str]) -> p
 
 
 def _unique_sorted(table: pa.Table) -> pa.Table:
-    table = table.take(pc.sort_indices(table, sort_keys=[("source", "ascending")]))
-    if table.num_rows < 2:
-        return table
-    src = table["source"]
-    new = pc.not_equal(src.slice(1), src.slice(0, table.num_rows - 1))
-    return table.filter(pa.concat_arrays([pa.array([True]), new.combine_chunks()]))
+    """The rows by source, each source once: one ``take`` (order and duplicates from the sources)."""
+    order = pc.sort_indices(table, sort_keys=[("source", "ascending")])
+    if table.num_rows >= 2:
+        src = table["source"].take(order)
+        new = pc.not_equal(src.slice(1), src.slice(0, table.num_rows - 1)).combine_chunks()
+        order = order.filter(pa.concat_arrays([pa.array([True]), new]))
+    return table.take(order)
 
 
 def name_outputs(table: pa.Table, in_root: str, out_root: str, ext: str, folders: set[str]) -> pa.Array:
@@ -365,19 +366,17 @@ def plan_job(cfg: PipelineConfig, *, write: bool = True, sample: int = 64) -> Jo
     if write:
         remove_partials(out_root)
     cols = ["id", "status", "error", "finished_at", "patches_simple", "patches_medium", "patches_hard"]
-    rows = read_latest(out_root, cfg.storage_options, cols)
-    rows = rows.filter(pc.is_in(rows["id"], value_set=table["id"].combine_chunks()))
+    rows = read_latest(out_root, cfg.storage_options, cols, ids=table["id"].combine_chunks())
     shares = group_shares(cfg, rows.filter(pc.equal(rows["status"], S.STATUS_OK)))
     done = pa.array([], pa.string())
     kept = pa.table({"id": pa.array([], pa.string()), "source": pa.array([], pa.string()),
                      "error": pa.array([], pa.string())})
     if not cfg.overwrite:
-        ok = rows.filter(pc.equal(rows["status"], S.STATUS_OK))["id"].combine_chunks()
-        planned = table.filter(pc.is_in(table["id"], value_set=ok))
-        if is_remote(out_root):  # an ok row's object was written whole before the row: trusted
-            done = planned["id"].combine_chunks()
-        else:
-            done = planned["id"].combine_chunks().filter(_present(planned["output"]))
+        ok = rows["id"].filter(pc.equal(rows["status"], S.STATUS_OK)).combine_chunks()
+        planned = pc.is_in(table["id"], value_set=ok)
+        done = table["id"].filter(planned).combine_chunks()  # an object store's ok rows are trusted: the
+        if not is_remote(out_root):  # object was written whole before its row; on disk it must be there
+            done = done.filter(_present(table["output"].filter(planned)))
         if cfg.score is not None and len(done):
             done = _scored(cfg, table, rows, done)
         if not cfg.retry_failed:

@@ -30,6 +30,7 @@ from pipeline.io import MANIFEST_DIR, existing, filesystem, is_remote, join, rem
 MANIFEST_FILE = "manifest.parquet"
 PERMANENT_STAGES = ("decode",)  # an undecodable or too large file stays so: retried on request only
 COMPACT_EVERY = 64  # parts of a run merged into one as the run goes
+CONSOLIDATE_ROWS = 65536  # rows of the consolidated manifest taken and written at a time
 
 
 def table_bytes(rows: list[dict[str, Any]]) -> bytes:
@@ -66,10 +67,9 @@ def read_parts(output: str, options: dict[str, Any]) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True) if frames else empty
 
 
-def read_latest(output: str, options: dict[str, Any], columns: list[str] | None = None) -> pa.Table:
-    """The latest manifest row per id (``columns``, which must hold ``id`` and ``finished_at``; default:
-    all) of every part under ``OUTPUT/_manifest``, as Arrow (parts read in parallel): a few bytes per
-    row and column, where the pandas frame of ``read_parts`` costs an object per value."""
+def read_all(output: str, options: dict[str, Any], columns: list[str] | None = None) -> pa.Table:
+    """Every manifest row under ``OUTPUT/_manifest`` (``columns``; default: all), one chunk per part as
+    read (parts read in parallel): nothing is copied into one buffer."""
     from concurrent.futures import ThreadPoolExecutor
 
     columns = columns or S.MANIFEST_SCHEMA.names
@@ -86,10 +86,20 @@ def read_latest(output: str, options: dict[str, Any], columns: list[str] | None 
 
     with ThreadPoolExecutor(max_workers=8) as pool:
         tables = list(pool.map(read, parts))
-    if not tables:
-        return schema.empty_table()
-    rows = pa.concat_tables(tables).combine_chunks()
-    return latest_table(rows)
+    return pa.concat_tables(tables) if tables else schema.empty_table()
+
+
+def read_latest(output: str, options: dict[str, Any], columns: list[str] | None = None,
+                ids: pa.Array | None = None) -> pa.Table:
+    """The latest manifest row per id (``columns``, which must hold ``id`` and ``finished_at``; default:
+    all) of every part under ``OUTPUT/_manifest`` (only the ids in ``ids``, when given), as Arrow: a few
+    bytes per row and column, where the pandas frame of ``read_parts`` costs an object per value. One
+    copy beside the rows read."""
+    rows = read_all(output, options, columns)
+    latest = _latest_indices(rows)
+    if ids is not None:
+        latest = latest.filter(pc.is_in(rows["id"].take(latest), value_set=ids))
+    return rows.take(latest)
 
 
 def latest_table(rows: pa.Table) -> pa.Table:
@@ -101,6 +111,9 @@ def latest_table(rows: pa.Table) -> pa.Table:
 
 
 def _latest_indices(rows: pa.Table) -> pa.Array:
+    """Indices of the latest row per id, in id order (only the id and time columns are read)."""
+    if rows.num_rows < 2:
+        return pa.array(range(rows.num_rows), pa.int64())
     order = pc.sort_indices(rows.select(["id", "finished_at"]),
                             sort_keys=[("id", "ascending"), ("finished_at", "ascending")])
     ids = rows["id"].take(order)
@@ -142,17 +155,25 @@ def permanent_failures(rows: pd.DataFrame, planned: dict[str, str]) -> pd.DataFr
     return failed[failed["error"].map(is_permanent).astype(bool)]
 
 
-def consolidate_table(output: str, ids: pa.Array, options: dict[str, Any]) -> pa.Table:
+def consolidate_table(output: str, ids: pa.Array, options: dict[str, Any], *,
+                      columns: list[str] | None = None) -> pa.Table:
     """Write ``OUTPUT/manifest.parquet``: the latest row of every id in ``ids`` that has one, sorted by
-    source (Arrow from end to end: a million rows take a few hundred MB, not gigabytes)."""
-    rows = read_latest(output, options)
-    keep = pc.indices_nonzero(pc.is_in(rows["id"], value_set=ids))
-    order = pc.sort_indices(rows["source"].take(keep))
-    rows = rows.take(keep.take(order))  # one copy: the rows of ``ids``, by source
-    buf = io.BytesIO()
-    pq.write_table(rows, buf)
-    write_bytes_atomic(join(output, MANIFEST_FILE), buf.getvalue(), options)
-    return rows
+    source; returns those rows' ``columns`` (default: all). Arrow from end to end, and the rows read are
+    the only copy of the manifest: which rows go where is worked out on the id, time and source
+    columns, and the file is written ``CONSOLIDATE_ROWS`` rows at a time (a million rows: a few hundred
+    MB of rows read, not a copy per step)."""
+    rows = read_all(output, options)
+    latest = _latest_indices(rows)
+    keep = latest.filter(pc.is_in(rows["id"].take(latest), value_set=ids))
+    keep = keep.take(pc.sort_indices(rows["source"].take(keep)))  # the rows of ``ids``, by source
+    buf = pa.BufferOutputStream()
+    with pq.ParquetWriter(buf, rows.schema) as writer:
+        for start in range(0, max(1, len(keep)), CONSOLIDATE_ROWS):
+            writer.write_table(rows.take(keep.slice(start, CONSOLIDATE_ROWS)))
+    write_bytes_atomic(join(output, MANIFEST_FILE), buf.getvalue().to_pybytes(), options)
+    del buf
+    wanted = rows if columns is None else rows.select(columns)
+    return wanted.take(keep)
 
 
 def consolidate(output: str, ids: list[str], options: dict[str, Any]) -> pd.DataFrame:

@@ -50,6 +50,15 @@ SMALL_JOB = 16  # images: below this a GPU job runs the single layout (start-up 
 ACTOR_BASE_BYTES = 1 << 30
 BYTES_PER_PIXEL = 448
 MEMORY_UNIT = 1 << 20  # memory requests are whole MiB
+# Blocks of the pools/fused layouts (docs/pipeline.md, "Block size"): the images of one GRM call become
+# one block that rides, whole, through every Patch-DiT pool to the assembler. Its heavy columns per image:
+# a patch row per latent patch (one fp32 latent of C x V x V, K fp32 scores and K int64 RTM ids, the
+# int64 group, plus PATCH_ROW_OVERHEAD for the id and offsets) and the image row's LR pixels (RGB + alpha,
+# uint8). Images per GRM call are capped so that such a block stays under BLOCK_BYTES_CAP for a square
+# image at the pixel limit; an image that alone is over the cap makes a block of its own.
+BLOCK_BYTES_CAP = 256 << 20
+PATCH_ROW_OVERHEAD = 64
+LR_BYTES_PER_PIXEL = 4
 
 
 class PlanError(ValueError):
@@ -163,6 +172,33 @@ def actor_memory(*, model_bytes: int, max_pixels: int) -> int:
     ``BYTES_PER_PIXEL`` x the pixel limit (one image at the limit in flight), in whole MiB."""
     need = ACTOR_BASE_BYTES + model_bytes + BYTES_PER_PIXEL * max_pixels
     return -(-need // MEMORY_UNIT) * MEMORY_UNIT
+
+
+def image_block_bytes(*, pixels: int, scale: int, downsample: int, latent_channels: int, patch: int,
+                      overlap: int, top_k: int) -> int:
+    """Bytes that one square LR image of ``pixels`` pixels adds to a GRM block (the comment on
+    ``BLOCK_BYTES_CAP``); its patches are counted as ``patching.plan_grid`` lays them out."""
+    side = math.isqrt(max(1, pixels))
+    latent = math.ceil(scale * side / downsample)  # latent pixels a side
+    per_axis = 1 + math.ceil(max(0, latent - patch) / (patch - overlap))  # patching._cover
+    row = latent_channels * patch * patch * 4 + top_k * (4 + 8) + 8 + PATCH_ROW_OVERHEAD
+    return per_axis * per_axis * row + pixels * LR_BYTES_PER_PIXEL
+
+
+def block_bytes_of(config: Any, max_pixels: int) -> int:
+    """``image_block_bytes`` of an image at ``max_pixels`` for the model ``config``
+    (``patchscaler.config.PatchScalerConfig``)."""
+    s = config.sampler
+    return image_block_bytes(pixels=max_pixels, scale=config.scale,
+                             downsample=config.autoencoder.downsample_factor,
+                             latent_channels=config.latent_channels, patch=s.patch_size, overlap=s.overlap,
+                             top_k=config.texture_encoder.top_k)
+
+
+def grm_images(*, image_bytes: int, asked: int, cap: int = BLOCK_BYTES_CAP) -> int:
+    """Images per GRM call (= per block): ``asked`` (``--grm-batch``), fewer when that many images of
+    ``image_bytes`` would make a block over ``cap``, and never fewer than one."""
+    return max(1, min(asked, cap // max(1, image_bytes)))
 
 
 def task_slots(nodes: list[Node], actor_cpus: float, task_cpus_: float) -> int:

@@ -52,6 +52,7 @@ from pipeline.manifest import (
     remove_parts,
     write_part,
 )
+from pipeline.plan import block_bytes_of
 from pipeline.progress import Progress
 from pipeline.shared import LoadedAssets
 
@@ -257,16 +258,21 @@ class _Tally:
     failures: list[tuple[str, str]] = field(default_factory=list)
     pools: list[dict[str, int]] = field(default_factory=list)
     stopped: str = ""
+    rate_checked: bool = False  # the --max-error-rate check ran (it runs once)
 
 
 def stop_reason(cfg: PipelineConfig, tally: _Tally, *, todo: int, idle: float) -> str:
     """Why the driver should stop the job now ("" to go on), printed as one line: no image finished for
-    ``--stall-minutes`` (``idle`` seconds), or more than ``--max-error-rate`` of the first
-    ``error_window`` images failed (checked once, when they are in, in a job of more images)."""
+    ``--stall-minutes`` (``idle`` seconds), or more than ``--max-error-rate`` of the first images failed:
+    checked once (``tally.rate_checked``) in a job of more than ``error_window`` images, at the first
+    call that sees at least ``error_window`` done, on all the images done then."""
     if cfg.stall_minutes > 0 and idle >= cfg.stall_minutes * 60:
         return f"no image finished in {cfg.stall_minutes:g} minutes (--stall-minutes)"
     done = tally.ok + tally.failed
-    if todo > cfg.error_window and done == cfg.error_window and tally.failed > cfg.max_error_rate * done:
+    if tally.rate_checked or todo <= cfg.error_window or done < cfg.error_window:
+        return ""
+    tally.rate_checked = True
+    if tally.failed > cfg.max_error_rate * done:
         first = tally.failures[0][1] if tally.failures else ""
         return (f"{tally.failed} of the first {done} images failed, more than --max-error-rate "
                 f"{cfg.max_error_rate:g} (check --weights, --rtm and the options; first error: {first})")
@@ -290,7 +296,8 @@ def _execute(cfg: PipelineConfig, plan: JobPlan, assets: LoadedAssets, recorder:
     counts = {g: round(share * 1_000_000) for g, share in enumerate(plan.shares)}  # only the ratio counts
     tally = _Tally()
     graph = plan_graph(cfg, nodes, layout=layout, todo=plan.todo, counts=counts, steps=steps,
-                       fused_ok=fused_ok, model_bytes=model_bytes)
+                       fused_ok=fused_ok, model_bytes=model_bytes,
+                       image_bytes=block_bytes_of(assets.model.config, cfg.max_pixels))
     tally.pools.append({name: p.actors for name, p in graph.plan.pools.items()})
     if echo:
         print(f"running {plan.todo} images: {graph.describe()}", flush=True)
@@ -373,7 +380,8 @@ def run_pipeline(cfg: PipelineConfig, *, echo: bool = True, plan: JobPlan | None
     storage_error = recorder.error
     consolidated = 0
     try:
-        table = consolidate_table(cfg.output, plan.ids, cfg.storage_options)
+        table = consolidate_table(cfg.output, plan.ids, cfg.storage_options,
+                                  columns=["id", "status", "finished_at"])  # what scores.consolidate reads
         consolidated = table.num_rows
         if cfg.score is not None:
             scores = Q.consolidate(cfg.output, table.to_pandas(), cfg.storage_options)

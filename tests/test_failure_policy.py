@@ -5,18 +5,25 @@ cluster: ``tests/test_pipeline_cluster.py``."""
 
 from __future__ import annotations
 
+import io
+import re
+from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
 import pytest
 import torch
+from conftest import make_tiny_model, make_tiny_rtm
+from PIL import Image
 
 from jobs.checks import UsageError, check_shared_storage
+from jobs.cli import main
 from patchscaler.rtm import ReferenceTextureMemory, gpu_available
+from patchscaler.weights import save_checkpoint, save_rtm
 from pipeline import schema as S
 from pipeline.build import PipelineConfig
 from pipeline.faults import Guarded, start_ledger
-from pipeline.runner import Summary, _Tally, stop_reason
+from pipeline.runner import Summary, _Tally, read_manifest, stop_reason
 
 
 class Died(BaseException):
@@ -73,6 +80,14 @@ def test_the_driver_stops_a_stalled_job_and_one_whose_first_images_mostly_fail()
     assert "first error: grm: RuntimeError: bad weights" in reason
     assert stop_reason(cfg, tally, todo=100, idle=0) == ""  # the job is no bigger than the window
     assert stop_reason(cfg, _Tally(ok=50, failed=50), todo=1000, idle=0) == ""  # exactly half: goes on
+    jumped = _Tally(ok=10, failed=85)  # the driver saw 95 images done, then 130
+    assert stop_reason(cfg, jumped, todo=1000, idle=0) == "" and not jumped.rate_checked
+    jumped.failed = 120
+    assert stop_reason(cfg, jumped, todo=1000, idle=0).startswith("120 of the first 130 images failed")
+    healthy = _Tally(ok=70, failed=40)  # checked once, at 110 done: 40 failed goes on ...
+    assert stop_reason(cfg, healthy, todo=1000, idle=0) == "" and healthy.rate_checked
+    healthy.failed = 400  # ... and later failures are not the first images': no second check
+    assert stop_reason(cfg, healthy, todo=1000, idle=0) == ""
     never = PipelineConfig(input="/in", output="/out", weights="w", rtm="r", stall_minutes=0,
                            max_error_rate=1.0)
     assert stop_reason(never, _Tally(ok=0, failed=100), todo=1000, idle=1e9) == ""
@@ -111,3 +126,51 @@ def test_rtm_search_is_the_same_whichever_index_is_asked_for() -> None:
     cosine = torch.nn.functional.normalize(queries, dim=1) @ torch.nn.functional.normalize(keys, dim=1).T
     top = cosine.topk(8, dim=1)
     assert torch.equal(idx, top.indices) and torch.allclose(scores, top.values, atol=1e-5)
+
+
+def _png(size: int, seed: int) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.mark.timeout(600)
+def test_a_running_job_whose_first_images_mostly_fail_stops_at_the_error_rate(
+        ray_session, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``--max-error-rate`` in a real ``upscale-dataset`` run: 110 truncated PNGs (they fail at decode,
+    cheaply) and 10 good ones among them. The driver stops the job once 100 images are done: one line
+    naming the flag, exit 1, a manifest of every image recorded so far (each ok row's output written).
+    The same command would then do the rest (``--dry-run``: the images not run are still to do)."""
+    inputs, out = tmp_path / "in", tmp_path / "out"
+    inputs.mkdir()
+    good = {f"img{i:03d}.png" for i in range(0, 120, 12)}  # 9 of the first 100, sorted by name
+    for i in range(120):
+        whole = _png(16, i)
+        name = f"img{i:03d}.png"
+        (inputs / name).write_bytes(whole if name in good else whole[: len(whole) // 2])
+    model = make_tiny_model()
+    save_checkpoint(model, str(tmp_path / "weights"))
+    rtm = make_tiny_rtm(model)
+    save_rtm(str(tmp_path / "rtm"), keys=rtm.keys, values=rtm.values, manifest={"name": "test"})
+    job = ["upscale-dataset", "--input", str(inputs), "--output", str(out), "--actors", "2", "--no-progress",
+           "--weights", str(tmp_path / "weights"), "--rtm", str(tmp_path / "rtm")]
+    assert main(job) == 1
+    stdout, stderr = capsys.readouterr()
+    named = [line for line in stderr.splitlines() if "--max-error-rate" in line]
+    assert len(named) == 1, stderr
+    assert re.match(r"error: stopping the job: \d+ of the first \d+ images failed, more than "
+                    r"--max-error-rate 0\.5 \(.*first error: decode: ", named[0]), named[0]
+    ok, failed = map(int, re.search(r"done: (\d+) ok, (\d+) failed", stdout).groups())
+    assert 100 <= ok + failed < 120 and "not run: run the same command to resume" in stdout, stdout
+    manifest = read_manifest(str(out))  # readable, one row per image the driver got back
+    assert len(manifest) == ok + failed and manifest["id"].is_unique
+    assert ok >= 1 and (manifest["status"] == "ok").sum() == ok
+    assert set(manifest.loc[manifest["status"] == "ok", "source"].map(lambda s: Path(s).name)) <= good
+    assert all(Path(o).is_file() for o in manifest.loc[manifest["status"] == "ok", "output"])
+    assert manifest.loc[manifest["status"] == "error", "error"].str.startswith("decode: ").all()
+
+    assert main([*job, "--dry-run"]) == 0  # what the same command would do next: the rest
+    stdout = capsys.readouterr().out
+    left = 120 - ok - failed
+    assert f"120 inputs: {left} to do, {ok} already done, {failed} failed before (not retried)" in stdout

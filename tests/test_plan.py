@@ -11,16 +11,21 @@ import pytest
 
 from pipeline.build import GROUP_KEYS, PipelineConfig, plan_graph
 from pipeline.plan import (
+    BLOCK_BYTES_CAP,
     GROUP_POOLS,
+    LR_BYTES_PER_PIXEL,
+    PATCH_ROW_OVERHEAD,
     RESERVED_TASKS,
     UNIT,
     Node,
     PlanError,
     ResourcePlan,
     actor_memory,
+    block_bytes_of,
     choose_layout,
     fits,
     gpu_pool_counts,
+    grm_images,
     plan_resources,
     single_actors,
     task_slots,
@@ -268,3 +273,46 @@ def test_refine_none_plans_no_patch_dit_pool() -> None:
     diffusion = plan_graph(PipelineConfig(input="/in", output="/out", weights="w", rtm="r"), [Node(4)],
                            layout="pools", todo=8, counts={0: 5, 1: 5, 2: 5}, steps=(8, 14, 20))
     assert set(GROUP_POOLS) <= set(diffusion.plan.pools)  # the default still starts them
+
+
+@pytest.mark.parametrize("preset", ["tiny", "paper"])
+def test_blocks_stay_under_the_cap_at_the_pixel_limit(preset: str) -> None:
+    """Issue 18 item 5: images per GRM call (= per block of the pools layouts) follow the bytes an image
+    at ``--max-pixels`` adds to a block, so that a block stays under ``BLOCK_BYTES_CAP`` (one image that
+    alone is over it makes a block of its own). Patches are counted as ``patching.plan_grid`` lays them."""
+    from patchscaler.patching import plan_grid
+    from patchscaler.presets import PRESETS
+
+    config = PRESETS[preset]
+    s, f = config.sampler, config.autoencoder.downsample_factor
+    k = config.texture_encoder.top_k
+    row = config.latent_channels * s.patch_size ** 2 * 4 + k * 12 + 8 + PATCH_ROW_OVERHEAD
+    for side in (3, 16, 100, 512, 1000, 4096):
+        grid = plan_grid(math.ceil(config.scale * side / f), math.ceil(config.scale * side / f),
+                         patch=s.patch_size, overlap=s.overlap)
+        pixels = side * side
+        assert block_bytes_of(config, pixels) == grid.num_patches * row + pixels * LR_BYTES_PER_PIXEL
+    limit = block_bytes_of(config, 4096 * 4096)
+    assert limit > BLOCK_BYTES_CAP  # an image at the default pixel limit is over the cap on its own ...
+    assert grm_images(image_bytes=limit, asked=4) == 1  # ... so it is a block of its own
+    for pixels in (64 * 64, 256 * 256, 512 * 512, 1024 * 1024, 2048 * 2048):
+        one = block_bytes_of(config, pixels)
+        n = grm_images(image_bytes=one, asked=4)
+        assert 1 <= n <= 4 and (n * one <= BLOCK_BYTES_CAP or n == 1)
+        assert n == 4 or (n + 1) * one > BLOCK_BYTES_CAP  # no smaller than the cap requires
+    assert grm_images(image_bytes=block_bytes_of(config, 64 * 64), asked=4) == 4
+    assert grm_images(image_bytes=1, asked=64) == 64 and grm_images(image_bytes=1 << 40, asked=8) == 1
+
+    nodes = [Node(cpus=64, gpus=8)]
+    for layout, pixels in itertools.product(("pools", "fused", "single"), (512 * 512, 4096 * 4096)):
+        cfg = PipelineConfig(input="/in", output="/out", weights="w", rtm="r", device="cuda",
+                             max_pixels=pixels)
+        graph = plan_graph(cfg, nodes, layout=layout, todo=1000, counts={0: 1, 1: 1, 2: 1},
+                           steps=(8, 14, 20), image_bytes=block_bytes_of(config, pixels))
+        if layout == "single":  # no block carries patches between actors: --grm-batch as given
+            assert graph.batch == 4
+        else:
+            one = block_bytes_of(config, pixels)
+            assert graph.batch == grm_images(image_bytes=one, asked=4)
+            assert graph.batch * one <= BLOCK_BYTES_CAP or graph.batch == 1
+            assert f"{graph.batch} images a block" in graph.describe()
