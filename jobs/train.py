@@ -48,8 +48,9 @@ def add_arguments(p: argparse.ArgumentParser, task: str) -> None:
                        help="share of pairs degraded mildly (light blur, noise and JPEG 70-95); the rest get "
                             "Real-ESRGAN's second-order degradation")
         p.add_argument("--no-keep-color", dest="keep_color", action="store_false",
-                       help="keep the colour shift that the degradation's noise clipping leaves in the LR "
-                            "(Real-ESRGAN as published; by default each LR keeps its bicubic's channel means)")
+                       help="keep the colour shift that the degradation's noise clipping leaves in the "
+                            "LR (Real-ESRGAN as published; by default each LR keeps its bicubic's channel "
+                            "means)")
         p.add_argument("--pair-pool", type=int, default=d["pair_pool"],
                        help="Real-ESRGAN's pool of (HR, LR) pairs on the training device that mixes batches "
                             "(e.g. 15 x --batch-size; 0: off)")

@@ -99,9 +99,10 @@ class PatchDiT(nn.Module):
             hidden_size=hidden, patch_size=config.patch_size, out_channels=self.out_channels
         )
         # A 3x3 convolution after unpatchify, as U-ViT adds one after its last linear projection (Bao et
-        # al., "All are Worth Words", CVPR 2023, arXiv:2209.12152): each token's p x p output comes from its own linear
-        # row, so an undertrained DiT shows a grid of p-latent-pixel squares (every 8 output pixels of the
-        # tiny preset); the convolution mixes neighbouring tokens' borders. Residual and zero at init.
+        # al., "All are Worth Words", CVPR 2023, arXiv:2209.12152): each token's p x p output comes from
+        # its own linear row, so an undertrained DiT shows a grid of p-latent-pixel squares (every 8
+        # output pixels of the tiny preset); the convolution mixes neighbouring tokens' borders. Residual
+        # and zero at init.
         self.out_conv = nn.Conv2d(self.out_channels, self.out_channels, kernel_size=3, padding=1,
                                   padding_mode="replicate")
         self.initialize_weights()

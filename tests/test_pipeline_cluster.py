@@ -90,7 +90,8 @@ SCRIPT = textwrap.dedent("""
     result["local"]["manifest"] = os.path.exists(os.path.join(cfg["local_out"], "manifest.parquet"))
     # 2. S3 in and out, the pools layout: read/decode tasks, and a poison image
     result["s3"] = job("--input", cfg["s3_in"], "--output", cfg["s3_out"], "--s3-endpoint", cfg["endpoint"],
-                       *model, "--fused", "--dit-actors", "1", "--cpus-per-actor", "0.5", "--grm-batch", "2")
+                       *model, "--fused", "--dit-actors", "1", "--cpus-per-actor", "0.5", "--grm-batch", "2",
+                       "--max-pixels", "512x512")  # small images: 2 of them a block under the block cap
     decodes = [json.load(open(os.path.join(LOG, f))) for f in os.listdir(LOG) if f.startswith("ended-")]
     result["decodes"] = decodes
     for f in os.listdir(LOG):

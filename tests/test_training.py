@@ -127,7 +127,8 @@ def test_keep_color_removes_the_clipping_cast_of_saturated_images() -> None:
     bicubic = degrade(hr, config=DegradationConfig(kind="bicubic"), generator=torch.Generator())
     shift = {}
     for keep in (False, True):
-        lr = degrade(hr, config=DegradationConfig(keep_color=keep), generator=torch.Generator().manual_seed(2))
+        g = torch.Generator().manual_seed(2)
+        lr = degrade(hr, config=DegradationConfig(keep_color=keep), generator=g)
         shift[keep] = ((lr - bicubic).mean(dim=(2, 3)) * 255).mean(dim=0)  # (3,) in 1/255
     assert shift[False][0] < -1.0 and shift[False][2] > 1.0  # the cast: red down, blue up
     assert float(shift[True].abs().max()) < 0.5 * float(shift[False].abs().max())

@@ -56,7 +56,7 @@ class TrainConfig:
     # grm / patchdit: shares of clean (bicubic-only) and mild pairs beside Real-ESRGAN's (DegradationConfig)
     clean_share: float = 0.1
     mild_share: float = 0.2
-    keep_color: bool = True  # grm / patchdit: degraded LR keeps its bicubic's channel means (DegradationConfig)
+    keep_color: bool = True  # grm / patchdit: each degraded LR keeps its bicubic's channel means
     pair_pool: int = 0  # grm / patchdit: Real-ESRGAN's pool of training pairs (pairs kept; 0: off)
     kl_weight: float = 1e-6  # autoencoder (AutoencoderKL only)
     recon_loss: str = "l1"  # autoencoder: "l1" (LDM), "mse" or "mse+fft" (patchscaler/training/losses.py)
