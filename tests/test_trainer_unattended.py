@@ -253,9 +253,9 @@ def test_a_killed_worker_is_replaced_and_the_run_ends_quietly(
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.pop("OMP_WAIT_POLICY", None)
     cmd = [sys.executable, "-m", "jobs.cli", "train-grm", "--init", init_checkpoint, "--out", str(out),
-           "--data", hr_folder, "--val-data", hr_folder, "--steps", "12", "--batch-size", "2", "--crop", "64",
+           "--data", hr_folder, "--val-data", hr_folder, "--steps", "24", "--batch-size", "2", "--crop", "64",
            "--crops-per-image", "2", "--lr", "1e-3", "--log-every", "2", "--checkpoint-every", "4",
-           "--val-every", "6", "--val-images", "1", "--keep-checkpoints", "2", "--num-workers", "2",
+           "--val-every", "12", "--val-images", "1", "--keep-checkpoints", "2", "--num-workers", "2",
            "--ema-decay", "0.99"]
     proc = subprocess.Popen(cmd, cwd=str(REPO), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
@@ -276,17 +276,17 @@ def test_a_killed_worker_is_replaced_and_the_run_ends_quietly(
     assert killed is not None, f"no checkpoint before the run ended: {output}"
 
     state = json.loads((out / "training_log.json").read_text())
-    assert state["step"] == 12 and state["world_size"] == 2
-    assert [h[0] for h in state["history"]] == list(range(2, 13, 2))  # no gap, no duplicate
-    assert len(state["resumes"]) == 1 and state["resumes"][0] % 4 == 0 and 0 < state["resumes"][0] < 12
-    assert [v[0] for v in state["validation"]] == [6, 12]
-    assert sorted(p.name for p in storage.glob("step_*")) == ["step_00000008", "step_00000012"]
+    assert state["step"] == 24 and state["world_size"] == 2
+    assert [h[0] for h in state["history"]] == list(range(2, 25, 2))  # no gap, no duplicate
+    assert len(state["resumes"]) == 1 and state["resumes"][0] % 4 == 0 and 0 < state["resumes"][0] < 24
+    assert [v[0] for v in state["validation"]] == [12, 24]
+    assert sorted(p.name for p in storage.glob("step_*")) == ["step_00000020", "step_00000024"]
     assert list((storage / "tensorboard").glob("events.out.tfevents.*"))
     model = load_checkpoint(str(out))  # the EMA weights, loadable by `upscale`
     from safetensors.torch import load_file
 
-    raw = load_file(storage / "step_00000012" / "trainable.safetensors")
-    ema = load_file(storage / "step_00000012" / "ema.safetensors")
+    raw = load_file(storage / "step_00000024" / "trainable.safetensors")
+    ema = load_file(storage / "step_00000024" / "ema.safetensors")
     exported = model.state_dict()
     assert all(torch.equal(exported[k], v) for k, v in ema.items())
     assert any(not torch.equal(raw[k], v) for k, v in ema.items())
@@ -295,8 +295,8 @@ def test_a_killed_worker_is_replaced_and_the_run_ends_quietly(
     assert not [x for x in lines if ANSI.search(x)], lines
     assert not [x for x in lines if any(w in x.lower() for w in NOISE_WORDS)], lines
     assert any(x.startswith("train-grm: resumed from the checkpoint of step ") for x in lines), lines
-    assert any(x.startswith("train-grm: step 12/12") for x in lines), lines
-    assert json.loads(lines[-1])["step"] == 12
+    assert any(x.startswith("train-grm: step 24/24") for x in lines), lines
+    assert json.loads(lines[-1])["step"] == 24
 
 
 def test_config_round_trips_new_fields() -> None:
