@@ -21,7 +21,7 @@ from trainer.data import list_images, read_image
 MIN_PSNR_DB = 35.0
 # A (height, width) crop of each sample image. Its x4 output is 288 px wide: above the autoencoder's
 # tile size (256), so the bf16 decode runs diffusers' tiled path as it does on a full-size image; a
-# crop has ~5x fewer latent patches than a whole sample, and the Patch-DiT work scales with them.
+# crop has ~4.5x fewer latent patches than a whole sample, and the Patch-DiT work scales with them.
 CROP = (40, 72)
 
 
