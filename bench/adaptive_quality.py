@@ -34,28 +34,22 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from jobs.defaults import ASSETS, DEMO_RTM, DEMO_WEIGHTS, SAMPLES
+from heldout_args import add_heldout_arguments
+
 from patchscaler.autoencoder import upscale_input
 from patchscaler.colorfix import COLOR_FIXES
 from patchscaler.pgs import group_plan
 from patchscaler.upscaler import PatchScaler, fix_colors
 from patchscaler.weights import load_checkpoint, load_rtm
 from trainer.heldout import gradient_magnitude, seam_ratio, signed_shift, upscale_cached
-from trainer.heldout_sets import SETS, heldout_pairs
+from trainer.heldout_sets import heldout_pairs
 
 WAYS = ("adaptive", "uniform", "refine none")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--weights", default=str(DEMO_WEIGHTS))
-    p.add_argument("--rtm", default=str(DEMO_RTM))
-    p.add_argument("--heldout", default=str(ASSETS / "heldout"))
-    p.add_argument("--samples", default=str(SAMPLES))
-    p.add_argument("--sets", nargs="+", choices=SETS, default=list(SETS))
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--images", nargs="+", default=None, help="only these images (file stems)")
-    p.add_argument("--cache", default=None, help="reuse / write the raw outputs here (upscale_cached)")
+    add_heldout_arguments(p, cache_help="reuse / write the raw outputs here (upscale_cached)")
     p.add_argument("--records", default=None, help="write the per-image figures to this JSON file")
     p.add_argument("--merge", nargs="+", default=None, help="only tabulate these --records files")
     args = p.parse_args()

@@ -30,14 +30,14 @@ import time
 
 import torch
 import torch.nn.functional as F
+from heldout_args import add_heldout_arguments
 
-from jobs.defaults import ASSETS, DEMO_RTM, DEMO_WEIGHTS, SAMPLES
 from patchscaler.autoencoder import upscale_input
 from patchscaler.colorfix import COLOR_FIXES
 from patchscaler.upscaler import PatchScaler, fix_colors, restore
 from patchscaler.weights import load_checkpoint, load_rtm
 from trainer.heldout import gradient_magnitude, seam_ratio, signed_shift, upscale_cached
-from trainer.heldout_sets import SETS, heldout_pairs
+from trainer.heldout_sets import heldout_pairs
 
 STAGES = ("autoencoder(HR)", "autoencoder(bicubic)", "GRM", "Patch-DiT")
 
@@ -65,15 +65,8 @@ def stage_images(upscaler: PatchScaler, lr: torch.Tensor, hr: torch.Tensor, seed
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--weights", default=str(DEMO_WEIGHTS))
-    p.add_argument("--rtm", default=str(DEMO_RTM))
-    p.add_argument("--heldout", default=str(ASSETS / "heldout"))
-    p.add_argument("--samples", default=str(SAMPLES))
-    p.add_argument("--sets", nargs="+", choices=SETS, default=list(SETS))
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--images", nargs="+", default=None, help="only these images (file stems)")
-    p.add_argument("--cache", default=None,
-                   help="folder of cached PatchScaler outputs (trainer.heldout.upscale_cached)")
+    add_heldout_arguments(p, cache_help="folder of cached PatchScaler outputs "
+                                        "(trainer.heldout.upscale_cached)")
     args = p.parse_args()
 
     import pyiqa
