@@ -54,6 +54,8 @@ def _reused_row(runs: Path, folder: str, command: str, card: str) -> str | None:
     row = re.search(rf"^\| `{command}` \|.*\|$", card, re.M)
     if row is None:
         raise SystemExit(f"{runs / folder} was reused, but the existing card has no `{command}` row to keep")
+    if "reused:" in row.group(0):  # a card re-rendered from the same runs: already marked
+        return row.group(0)
     cells = row.group(0).rstrip("|").split("|")
     cells[-1] = (f" reused: trained in {cells[-1].strip()} for {source['source']} (version "
                  f"{source['source_version']}), 0 min in this run ")
@@ -226,8 +228,8 @@ LR made by the project's Real-ESRGAN degradation (blur, noise, JPEG, two passes)
 blur, light noise and JPEG 75 — {_set_summary("heavy", sets["heavy"])}; {_set_summary("mild", sets["mild"])}.
 By default `patchscaler upscale` applies the `{result["color_fix"]}` colour fix (`--color-fix`, see
 `docs/model.md`): it removes the colour cast, it does not make the model better than bicubic. On mildly
-degraded photographs **plain bicubic is the better choice** with these weights: the GRM, trained on
-heavy degradations only, over-smooths them and Patch-DiT adds grain-like texture on top. Gates of
+degraded photographs **plain bicubic (or `--refine none`) is the better choice** with these weights: the
+GRM is still below bicubic there and Patch-DiT adds grain-like texture on top (the card's notes). Gates of
 issues #10 and #16: {verdict}.
 
 ![held-out crops, heavy](heldout.png)
