@@ -96,29 +96,23 @@ def read_latest(output: str, options: dict[str, Any], columns: list[str] | None 
     bytes per row and column, where the pandas frame of ``read_parts`` costs an object per value. One
     copy beside the rows read."""
     rows = read_all(output, options, columns)
-    latest = _latest_indices(rows)
+    return rows.take(_latest_indices(rows, ids))
+
+
+def _latest_indices(rows: pa.Table, ids: pa.Array | None = None) -> pa.Array:
+    """Indices of the latest row per id (the one finished last; of equal times, the one read last), in
+    id order, only of the ids in ``ids`` when given (only the id and time columns are read)."""
+    if rows.num_rows < 2:
+        latest = pa.array(range(rows.num_rows), pa.int64())
+    else:
+        order = pc.sort_indices(rows.select(["id", "finished_at"]),
+                                sort_keys=[("id", "ascending"), ("finished_at", "ascending")])
+        sorted_ids = rows["id"].take(order)
+        last = pc.not_equal(sorted_ids.slice(0, rows.num_rows - 1), sorted_ids.slice(1)).combine_chunks()
+        latest = order.filter(pa.concat_arrays([last, pa.array([True])]))
     if ids is not None:
         latest = latest.filter(pc.is_in(rows["id"].take(latest), value_set=ids))
-    return rows.take(latest)
-
-
-def latest_table(rows: pa.Table) -> pa.Table:
-    """One row per id: the one finished last (of equal times, the one read last). One copy of the table
-    (a sort of the ids and times, then one ``take``)."""
-    if rows.num_rows < 2:
-        return rows
-    return rows.take(_latest_indices(rows))
-
-
-def _latest_indices(rows: pa.Table) -> pa.Array:
-    """Indices of the latest row per id, in id order (only the id and time columns are read)."""
-    if rows.num_rows < 2:
-        return pa.array(range(rows.num_rows), pa.int64())
-    order = pc.sort_indices(rows.select(["id", "finished_at"]),
-                            sort_keys=[("id", "ascending"), ("finished_at", "ascending")])
-    ids = rows["id"].take(order)
-    last = pc.not_equal(ids.slice(0, rows.num_rows - 1), ids.slice(1)).combine_chunks()
-    return order.filter(pa.concat_arrays([last, pa.array([True])]))
+    return latest
 
 
 def remove_parts(output: str, names: list[str], options: dict[str, Any]) -> None:
@@ -163,8 +157,7 @@ def consolidate_table(output: str, ids: pa.Array, options: dict[str, Any], *,
     columns, and the file is written ``CONSOLIDATE_ROWS`` rows at a time (a million rows: a few hundred
     MB of rows read, not a copy per step)."""
     rows = read_all(output, options)
-    latest = _latest_indices(rows)
-    keep = latest.filter(pc.is_in(rows["id"].take(latest), value_set=ids))
+    keep = _latest_indices(rows, ids)
     keep = keep.take(pc.sort_indices(rows["source"].take(keep)))  # the rows of ``ids``, by source
     buf = pa.BufferOutputStream()
     with pq.ParquetWriter(buf, rows.schema) as writer:

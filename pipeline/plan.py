@@ -177,12 +177,14 @@ def actor_memory(*, model_bytes: int, max_pixels: int) -> int:
 def image_block_bytes(*, pixels: int, scale: int, downsample: int, latent_channels: int, patch: int,
                       overlap: int, top_k: int) -> int:
     """Bytes that one square LR image of ``pixels`` pixels adds to a GRM block (the comment on
-    ``BLOCK_BYTES_CAP``); its patches are counted as ``patching.plan_grid`` lays them out."""
+    ``BLOCK_BYTES_CAP``); its patches are those of ``patching.plan_grid``."""
+    from patchscaler.patching import plan_grid
+
     side = math.isqrt(max(1, pixels))
     latent = math.ceil(scale * side / downsample)  # latent pixels a side
-    per_axis = 1 + math.ceil(max(0, latent - patch) / (patch - overlap))  # patching._cover
+    patches = plan_grid(latent, latent, patch=patch, overlap=overlap).num_patches
     row = latent_channels * patch * patch * 4 + top_k * (4 + 8) + 8 + PATCH_ROW_OVERHEAD
-    return per_axis * per_axis * row + pixels * LR_BYTES_PER_PIXEL
+    return patches * row + pixels * LR_BYTES_PER_PIXEL
 
 
 def block_bytes_of(config: Any, max_pixels: int) -> int:

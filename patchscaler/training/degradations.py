@@ -380,10 +380,10 @@ def degrade(hr: torch.Tensor, *, config: DegradationConfig, generator: torch.Gen
             out[index] = _mild(generator, part, config, lr_size)
         else:
             out[index] = _heavy(generator, part, config, lr_size)
-    if config.keep_color:
-        degraded = ~groups["clean"]  # clean pairs are their bicubic already
-        shift = out.mean(dim=(2, 3), keepdim=True) - _clean(img, lr_size).mean(dim=(2, 3), keepdim=True)
-        out = torch.where(degraded[:, None, None, None], out - shift, out)  # (B, 3, h, w)
+    if config.keep_color:  # the degraded rows only: the clean ones are their bicubic already
+        d = (~groups["clean"]).nonzero().flatten()
+        shift = out[d].mean(dim=(2, 3), keepdim=True) - _clean(img[d], lr_size).mean(dim=(2, 3), keepdim=True)
+        out[d] -= shift  # (D, 3, h, w)
     return _quantise(out)  # (B, 3, H/scale, W/scale)
 
 
